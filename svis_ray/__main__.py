@@ -1,0 +1,5 @@
+import sys
+
+from svis_ray.cli import main
+
+sys.exit(main())

@@ -1,0 +1,152 @@
+"""The ``svis-ray`` command line.
+
+Every subcommand is a thin wrapper over a library function; user errors (``SvisError``)
+become one line on stderr and exit status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from svis_ray.errors import SvisError
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW, e.g. 96x128, got {text!r}") from None
+    if h < 32 or w < 32:
+        raise argparse.ArgumentTypeError(f"frame size must be at least 32x32, got {text!r}")
+    return h, w
+
+
+def cmd_check_data(a: argparse.Namespace) -> None:
+    from svis_ray.data.ytvis import check_data
+
+    s = check_data(a.root, a.annotations, workers=a.workers)
+    print(f"{a.annotations}: OK: {s['videos']} videos, {s['frames']} frames readable, "
+          f"{s['annotations']} annotations, {s['categories']} categories")
+
+
+def cmd_sparsify(a: argparse.Namespace) -> None:
+    from svis_ray.data.sparsify import sparsify
+
+    s = sparsify(a.input, a.output, frames_per_video=a.frames_per_video, strategy=a.strategy, seed=a.seed)
+    print(f"{a.output}: {s['videos']} videos, {s['labelled_frames']} labelled frames "
+          f"of {s['frames']}, {s['instances_kept']} instances kept of {s['instances']}, "
+          f"{100 * s['mask_fraction']:.2f}% of masks kept")
+
+
+def cmd_split(a: argparse.Namespace) -> None:
+    from svis_ray.data.sparsify import split
+
+    s = split(a.input, val_fraction=a.val_fraction, seed=a.seed, train_out=a.train_out, val_out=a.val_out)
+    print(f"{a.train_out}: {s['train_videos']} videos; {a.val_out}: {s['val_videos']} videos")
+
+
+def cmd_demo_data(a: argparse.Namespace) -> None:
+    from svis_ray.data.demo import make_demo_data
+
+    s = make_demo_data(a.out, videos=a.videos, frames=a.frames, size=a.size, seed=a.seed,
+                       val_videos=a.val_videos)
+    print(f"{a.out}: {s['train_videos']} train + {s['val_videos']} val videos, {s['frames']} frames "
+          f"of {s['size'][0]}x{s['size'][1]}, {s['instances']} instances, {s['categories']} categories")
+
+
+def cmd_evaluate(a: argparse.Namespace) -> None:
+    from svis_ray.eval import evaluate_files, format_table
+
+    metrics = evaluate_files(a.gt, a.results, out=a.out)
+    print(format_table(metrics))
+    if a.out:
+        print(f"wrote {a.out}")
+
+
+def cmd_train(a: argparse.Namespace) -> None:
+    from svis_ray.config import load_config
+    from svis_ray.eval import format_table
+    from svis_ray.train import run_training
+
+    summary = run_training(load_config(a.config, a.overrides))
+    if "metrics" in summary:
+        print(format_table(summary["metrics"]))
+    print(f"run folder: {summary['run_dir']}; best checkpoint: {summary['checkpoint']}")
+
+
+def cmd_demo(a: argparse.Namespace) -> None:
+    from svis_ray.demo_job import run_demo
+
+    run_demo(a.out, a.overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="svis-ray", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("check-data", help="validate a YTVIS JSON and decode every frame file")
+    s.add_argument("root", help="dataset root holding JPEGImages/")
+    s.add_argument("annotations", help="YTVIS annotation JSON")
+    s.add_argument("--workers", type=int, default=4, help="decode threads")
+    s.set_defaults(func=cmd_check_data)
+
+    s = sub.add_parser("sparsify", help="keep K labelled frames per video (MinVIS '1%%' etc.)")
+    s.add_argument("input")
+    s.add_argument("output")
+    s.add_argument("--frames-per-video", type=int, default=1)
+    s.add_argument("--strategy", choices=["middle", "random-instance", "uniform"], default="middle")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_sparsify)
+
+    s = sub.add_parser("split", help="hold out a validation split, by video")
+    s.add_argument("input")
+    s.add_argument("--val-fraction", type=float, default=0.1)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--train-out", required=True)
+    s.add_argument("--val-out", required=True)
+    s.set_defaults(func=cmd_split)
+
+    s = sub.add_parser("demo-data", help="write the synthetic demo dataset (YTVIS 2019 layout)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--videos", type=int, default=None, help="training videos")
+    s.add_argument("--val-videos", type=int, default=None, help="held-out videos")
+    s.add_argument("--frames", type=int, default=None, help="frames per video")
+    s.add_argument("--size", type=_size, default=None, help="frame size HxW")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_demo_data)
+
+    s = sub.add_parser("evaluate", help="YouTube-VIS mask AP of a results.json")
+    s.add_argument("--gt", required=True, help="ground-truth YTVIS JSON")
+    s.add_argument("--results", required=True, help="results.json (CodaLab format)")
+    s.add_argument("--out", default=None, help="write metrics JSON here")
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("train", help="semi-supervised training (Ray Train student + teacher pool)")
+    s.add_argument("--config", required=True, help="YAML config, e.g. configs/debug.yaml")
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=100")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("demo", help="demo data -> 1-frame subset -> semi-supervised training -> AP")
+    s.add_argument("--out", default="demo", help="folder for the demo data and run")
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides on configs/debug.yaml")
+    s.set_defaults(func=cmd_demo)
+
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except SvisError as e:
+        print(f"svis-ray: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("svis-ray: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

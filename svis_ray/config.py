@@ -1,0 +1,254 @@
+"""Typed run configuration: dataclasses loaded from YAML, with ``key=value`` overrides.
+
+Every key is checked at start: an unknown key or a value of the wrong type fails with one line
+naming the key (``configs/x.yaml: train.max_step: unknown key (did you mean 'max_steps'?)``),
+so a typo never silently falls back to a default after an hour on a cluster.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from svis_ray.errors import SvisError
+
+
+@dataclass
+class DataConfig:
+    root: str = "demo_data"  # dataset folder holding JPEGImages/ (local path or pyarrow.fs URI: s3://, gs://)
+    train_json: str = "train_1frame.json"  # relative paths are taken under `root`
+    val_json: str = "val.json"  # held-out split with full annotations (periodic and final evaluation)
+    min_size_train: list[int] = field(default_factory=lambda: [360, 480])  # short side, one chosen per clip
+    max_size_train: int = 1333
+    min_size_test: int = 360
+    max_size_test: int = 1333
+    flip: bool = True
+    unlabelled_per_clip: int = 2  # Sparse-MinVIS: 1 labelled + 2 unlabelled frames per video and step
+    clips_per_step: int = 2  # clips per worker and step (a clip = the frames of one video)
+    on_bad_frame: Literal["fail", "skip"] = "fail"
+    decode_cpus: float = 0.25  # logical CPUs per decode task (small: Train holds whole CPUs)
+
+
+@dataclass
+class ModelSection:
+    preset: Literal["tiny", "minvis_r50"] = "tiny"
+    weights: str | None = None  # torchvision ResNet / Mask2Former .pkl / MinVIS .pth / svis-ray checkpoint
+    overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields, e.g. {num_queries: 50}
+
+
+@dataclass
+class LossConfig:
+    class_weight: float = 2.0
+    mask_weight: float = 5.0
+    dice_weight: float = 5.0
+    eos_coef: float = 0.1
+    num_points: int = 12544
+    oversample_ratio: float = 3.0
+    importance_sample_ratio: float = 0.75
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 6000
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    backbone_multiplier: float = 0.1
+    clip_norm: float = 0.01
+    warmup_steps: int = 10
+    milestones: list[int] = field(default_factory=lambda: [4000])
+    gamma: float = 0.1
+    amp: bool = True  # only takes effect on CUDA
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    checkpoint_every: int = 500
+    num_to_keep: int = 2
+    max_failures: int = 3
+    eval_every: int = 500  # periodic held-out evaluation (rank 0), 0 = only at the end
+    log_every: int = 10
+    seed: int = 0
+    torch_threads: int = 0  # intra-op threads per worker on CPU; 0 = torch default
+
+
+@dataclass
+class TeacherConfig:
+    mode: Literal["ema", "frozen", "online"] = "ema"
+    num_teachers: int = 1
+    gpus_per_teacher: float = 1.0  # fractional values share a GPU; 0 = CPU teachers
+    checkpoint: str | None = None  # frozen mode: the fixed teacher weights
+    ema_momentum: float = 0.999
+    publish_every: int = 50  # rank 0 publishes the EMA weights every K steps
+    warmup_steps: int = 0  # pseudo-labels are ignored (weight 0) before this step
+    batch_size: int = 2  # clips per teacher call
+    window: int = 30  # frames per teacher forward chunk
+
+
+@dataclass
+class PseudoConfig:
+    topk: int = 10
+    score_threshold: float = 0.8  # Sparse-MinVIS class-score threshold
+    mask_threshold: float = 0.0  # mask logit threshold
+    min_area: int = 16  # pixels, at training resolution
+    keep_empty: bool = True  # frames with nothing kept still train as background
+    anchor: bool = True  # ground-truth-anchored pseudo-labels
+    anchor_iou: float = 0.5
+    anchor_score_threshold: float = 0.3  # anchored tracks pass at this lower foreground score
+    weight: float = 1.0  # lambda_pseudo
+    ramp_steps: int = 0  # lambda_pseudo ramps linearly from 0 over the first N steps
+    store: Literal["none", "parquet"] = "none"
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/debug"  # run folder: checkpoints, logs, results.json, metrics.json, best.pt
+    progress_bar: bool = False
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelSection = field(default_factory=ModelSection)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    pseudo: PseudoConfig = field(default_factory=PseudoConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_type(value: Any, tp: Any, where: str) -> Any:
+    """Return ``value`` coerced to ``tp`` (int -> float only) or raise ``SvisError``."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is typing.Union or origin is types.UnionType:
+        for arg in typing.get_args(tp):
+            try:
+                return _check_type(value, arg, where)
+            except SvisError:
+                continue
+        raise SvisError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            choices = ", ".join(repr(a) for a in typing.get_args(tp))
+            raise SvisError(f"{where}: expected one of {choices}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise SvisError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise SvisError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is type(None):
+        if value is not None:
+            raise SvisError(f"{where}: expected null, got {value!r}")
+        return None
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool):
+        raise SvisError(f"{where}: expected {tp.__name__}, got {value!r}")
+    if not isinstance(value, tp):
+        raise SvisError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    return " or ".join("null" if a is type(None) else getattr(a, "__name__", str(a)) for a in typing.get_args(tp))
+
+
+def _build(cls: type, data: Any, where: str, source: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise SvisError(f"{source}: {where or 'top level'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(names)})"
+            raise SvisError(f"{source}: {path}: unknown key{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, path, source)
+        else:
+            try:
+                kwargs[key] = _check_type(value, tp, path)
+            except SvisError as e:
+                raise SvisError(f"{source}: {e}") from None
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise SvisError(f"override {dotted}: '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["train.max_steps=10", "data.min_size_train=[96,128]"]`` -> nested dict (values parsed as YAML)."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SvisError(f"override {item!r}: expected key=value, e.g. train.max_steps=100")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load ``path`` (YAML) and apply ``key=value`` overrides; validate every key and type."""
+    data: dict[str, Any] = {}
+    source = str(path) if path else "config"
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise SvisError(f"{path}: cannot read config: {e.strerror}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f" at line {mark.line + 1}" if mark else ""
+            raise SvisError(f"{path}: malformed YAML{at}: {getattr(e, 'problem', e)}") from None
+    data = _merge(data, parse_overrides(overrides or []))
+    return _build(Config, data, "", source)
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
+    """Rebuild a ``Config`` from ``Config.to_dict()`` output (e.g. inside a Ray worker)."""
+    return _build(Config, data, "", source)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    from svis_ray.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

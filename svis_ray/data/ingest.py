@@ -1,0 +1,227 @@
+"""Ray Data ingest: clip rows built on the driver, frames decoded in Ray Data tasks.
+
+A *clip* is what one training sample is made of: one frame of a video that has ground truth
+plus ``unlabelled_per_clip`` other frames of the same video (Sparse-MinVIS samples 1 + 2), in
+temporal order. The annotation JSON is parsed on the driver (``read_json`` cannot read the
+nested YTVIS layout) into one small row per clip holding frame paths and the labelled frames'
+RLEs; decoding, resizing and flipping happen in Ray Data tasks, and the rows stream on through
+the teacher pool (pseudo-labels) to the ``TorchTrainer`` workers.
+
+The row list covers the whole run (``max_steps`` x global batch), so one streaming execution
+feeds the entire training: teacher actors stay alive and keep their weights between "epochs".
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow.fs
+import torch
+from pycocotools import mask as mask_utils
+from ray.data.collate_fn import NumpyBatchCollateFn
+
+from svis_ray.data.transforms import pad_to_multiple, resize_image, resize_masks, resized_shape
+from svis_ray.data.ytvis import YTVIS, decode_frame
+from svis_ray.errors import SvisError
+
+
+# ----------------------------------------------------------------------------- file access
+def resolve(root: str, rel: str) -> str:
+    """Join ``rel`` under ``root`` unless it is already absolute or a URI."""
+    if "://" in rel or rel.startswith("/"):
+        return rel
+    return root.rstrip("/") + "/" + rel
+
+
+def read_bytes(path: str) -> bytes:
+    """Read a local file or a ``pyarrow.fs`` URI (s3://, gs://, hdfs://) into memory."""
+    try:
+        if "://" in path:
+            fs, inner = pyarrow.fs.FileSystem.from_uri(path)
+        else:
+            fs, inner = pyarrow.fs.LocalFileSystem(), path
+        with fs.open_input_stream(inner) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise SvisError(f"{path}: file not found") from None
+    except (OSError, pyarrow.ArrowException) as e:
+        raise SvisError(f"{path}: cannot read: {str(e).splitlines()[0]}") from None
+
+
+def load_split(root: str, rel: str) -> YTVIS:
+    """Load and validate a YTVIS annotation file under ``root`` (local or URI)."""
+    path = resolve(root, rel)
+    raw = read_bytes(path)
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise SvisError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    return YTVIS(data, source=path)
+
+
+# ----------------------------------------------------------------------------- clip rows
+def clip_rows(ds: YTVIS, root: str, num_clips: int, frames_per_clip: int, seed: int,
+              first_clip: int = 0) -> list[dict[str, Any]]:
+    """Rows for clips ``first_clip .. num_clips-1`` of a deterministic, seeded sampling schedule.
+
+    Videos are visited in a fresh random order each pass; in each clip one frame comes from the
+    video's labelled frames (if any) and the rest from its other frames, without replacement
+    where the video is long enough. Clip ``i`` is the same whatever ``first_clip`` is, so a
+    resumed run continues the schedule instead of replaying it.
+    """
+    videos = [v for v in ds.videos]
+    rows = []
+    for i in range(first_clip, num_clips):
+        epoch, slot = divmod(i, len(videos))
+        order = np.random.default_rng([seed, epoch]).permutation(len(videos))
+        video = videos[order[slot]]
+        vid = video["id"]
+        rng = np.random.default_rng([seed, epoch, vid])
+        length = video["length"]
+        labelled = set(ds.labelled_frames(vid))
+        frames: list[int] = []
+        if labelled:
+            frames.append(int(rng.choice(sorted(labelled))))
+        others = [t for t in range(length) if t not in frames]
+        want = frames_per_clip - len(frames)
+        if others and want > 0:
+            frames += [int(t) for t in rng.choice(others, size=want, replace=len(others) < want)]
+        frames.sort()
+        gt = []
+        for t in frames:
+            if t in labelled:
+                tg = ds.annotations_on_frame(vid, t)
+                gt.append(tg)
+            else:
+                gt.append(None)
+        rows.append({
+            "clip_index": i,
+            "video_id": vid,
+            "height": video["height"],
+            "width": video["width"],
+            "frame_idx": frames,
+            "paths": [resolve(root, "JPEGImages/" + video["file_names"][t]) for t in frames],
+            "gt_json": json.dumps(gt),
+        })
+    return rows
+
+
+# ----------------------------------------------------------------------------- decode task
+@dataclass
+class DecodeConfig:
+    min_sizes: tuple[int, ...]
+    max_size: int
+    flip: bool
+    on_bad_frame: str  # "fail" | "skip"
+    seed: int
+
+
+def decode_clip(row: dict[str, Any], cfg: DecodeConfig) -> dict[str, Any]:
+    """Decode, resize and flip one clip; ground-truth masks follow the same transform.
+
+    Output columns (F frames kept, M ground-truth instances over the labelled frames):
+      image uint8 [F,h,w,3]; frame_idx int64 [F]; labelled bool [F];
+      gt_masks uint8 [M,h,w]; gt_frame int64 [M] (slot in the clip); gt_labels int64 [M];
+      video_id, clip_index, bad_frames (frames skipped under on_bad_frame=skip).
+    """
+    rng = np.random.default_rng([cfg.seed, int(row["clip_index"]), 7])
+    short = int(rng.choice(cfg.min_sizes))
+    flip = bool(cfg.flip and rng.random() < 0.5)
+    shape = resized_shape(int(row["height"]), int(row["width"]), short, cfg.max_size)
+    gts = json.loads(row["gt_json"])
+    images, idx, labelled, masks, frames, labels = [], [], [], [], [], []
+    bad = 0
+    for path, t, gt in zip(row["paths"], row["frame_idx"], gts):
+        try:
+            img = decode_frame(read_bytes(str(path)), source=str(path))
+            if img.shape[:2] != (int(row["height"]), int(row["width"])):
+                raise SvisError(f"{path}: frame is {img.shape[0]}x{img.shape[1]}, the annotation says "
+                                f"{row['height']}x{row['width']}")
+        except SvisError:
+            if cfg.on_bad_frame == "fail":
+                raise
+            bad += 1
+            continue
+        img = resize_image(img, shape)
+        slot = len(images)
+        if gt is not None and len(gt):
+            m = mask_utils.decode([g["rle"] for g in gt]).transpose(2, 0, 1)
+            m = resize_masks(np.ascontiguousarray(m), shape)
+            if flip:
+                m = m[:, :, ::-1]
+            masks.append(m)
+            frames += [slot] * len(gt)
+            labels += [g["label"] for g in gt]
+        if flip:
+            img = img[:, ::-1]
+        images.append(np.ascontiguousarray(img))
+        idx.append(int(t))
+        labelled.append(gt is not None)
+    h, w = shape
+    return {
+        "clip_index": int(row["clip_index"]),
+        "video_id": int(row["video_id"]),
+        "image": np.stack(images) if images else np.zeros((0, h, w, 3), np.uint8),
+        "frame_idx": np.asarray(idx, np.int64),
+        "labelled": np.asarray(labelled, bool),
+        "gt_masks": np.ascontiguousarray(np.concatenate(masks)) if masks else np.zeros((0, h, w), np.uint8),
+        "gt_frame": np.asarray(frames, np.int64),
+        "gt_labels": np.asarray(labels, np.int64),
+        "bad_frames": bad,
+    }
+
+
+# ----------------------------------------------------------------------------- collate
+class ClipCollate(NumpyBatchCollateFn):
+    """Numpy batch of clips -> (images uint8 [N,3,H,W] padded to /32, per-frame targets, stats).
+
+    Ragged columns (frame sizes, instance counts) arrive as object arrays of per-clip arrays and
+    are unpacked here, frame by frame, into plain tensors. Each target dict holds
+    ``labels`` int64 [n], ``masks`` uint8 [n,H,W], ``pseudo`` (bool: targets come from a teacher
+    or, with ``labels=None``, must be made by the student itself), ``scores``/``anchored`` for
+    pseudo-labels, and ``video_id``/``frame`` for logging.
+    """
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, list[dict], dict[str, float]]:
+        has_pseudo = "ps_masks" in batch
+        frames, targets = [], []
+        stats = {"bad_frames": float(np.sum(batch["bad_frames"])), "clips": float(len(batch["clip_index"]))}
+        if has_pseudo:
+            stats["teacher_version_min"] = float(np.min(batch["teacher_version"]))
+            stats["pseudo_candidates"] = float(np.sum(batch["ps_candidates"]))
+            stats["teacher_time_min"] = float(np.min(batch["teacher_time"]))
+            stats["teacher_time_max"] = float(np.max(batch["teacher_time"]))
+        for c in range(len(batch["clip_index"])):
+            image = batch["image"][c]
+            for f in range(image.shape[0]):
+                frames.append(image[f])
+                if batch["labelled"][c][f]:
+                    sel = batch["gt_frame"][c] == f
+                    targets.append({"labels": batch["gt_labels"][c][sel], "masks": batch["gt_masks"][c][sel],
+                                    "pseudo": False})
+                elif has_pseudo:
+                    sel = batch["ps_frame"][c] == f
+                    targets.append({"labels": batch["ps_labels"][c][sel], "masks": batch["ps_masks"][c][sel],
+                                    "scores": batch["ps_scores"][c][sel],
+                                    "anchored": batch["ps_anchored"][c][sel], "pseudo": True,
+                                    "teacher_version": int(batch["teacher_version"][c])})
+                else:
+                    targets.append({"labels": None, "masks": None, "pseudo": True})
+                targets[-1]["video_id"] = int(batch["video_id"][c])
+                targets[-1]["frame"] = int(batch["frame_idx"][c][f])
+        if not frames:
+            return torch.zeros(0, 3, 32, 32, dtype=torch.uint8), [], stats
+        hp, wp = pad_to_multiple(max(f.shape[0] for f in frames), max(f.shape[1] for f in frames))
+        images = torch.zeros(len(frames), 3, hp, wp, dtype=torch.uint8)
+        for i, (img, tgt) in enumerate(zip(frames, targets)):
+            h, w = img.shape[:2]
+            images[i, :, :h, :w] = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
+            if tgt["labels"] is not None:
+                padded = torch.zeros(len(tgt["labels"]), hp, wp, dtype=torch.uint8)
+                padded[:, :h, :w] = torch.from_numpy(np.ascontiguousarray(tgt["masks"]))
+                tgt["masks"] = padded
+                tgt["labels"] = torch.from_numpy(np.asarray(tgt["labels"], np.int64))
+            tgt["size"] = (h, w)
+        return images, targets, stats

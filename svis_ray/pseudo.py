@@ -1,0 +1,131 @@
+"""Pseudo-labels for unlabelled frames: filtering and ground-truth anchoring.
+
+Sparse-MinVIS keeps, per unlabelled frame, the top-k (query, class) pairs whose class score
+exceeds 0.8, masks at logit 0. svis-ray adds *anchoring*: the teacher tracks the clip with the
+MinVIS tracker, and a track whose mask matches a ground-truth instance on the clip's labelled
+frame (mask IoU >= ``anchor_iou``) takes that instance's class and is kept at the lower
+foreground-score threshold ``anchor_score_threshold`` -- the annotation vouches for the object,
+the teacher only has to follow it. Unanchored tracks must pass the normal threshold.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+
+from svis_ray.config import PseudoConfig
+from svis_ray.tracking import match_embeddings
+
+
+@dataclass
+class FramePseudo:
+    """Pseudo-labels of one frame: masks bool [P,H,W], labels int64 [P], scores float32 [P], anchored bool [P]."""
+
+    masks: np.ndarray
+    labels: np.ndarray
+    scores: np.ndarray
+    anchored: np.ndarray
+    candidates: int  # (query, class) pairs considered, for the acceptance rate
+
+
+def select_frame(logits: torch.Tensor, masks: torch.Tensor, cfg: PseudoConfig,
+                 anchors: dict[int, int] | None = None) -> FramePseudo:
+    """Filter one frame's predictions.
+
+    Args:
+        logits: [Q, K+1] class logits (last = no-object).
+        masks: [Q, H, W] mask logits at the target resolution.
+        anchors: query index -> contiguous class of the ground-truth instance it was anchored to.
+    """
+    probs = logits.float().softmax(-1)
+    num_classes = probs.shape[1] - 1
+    anchors = anchors or {}
+    keep_q, keep_c, keep_s, keep_a = [], [], [], []
+    for q, c in anchors.items():
+        fg = 1.0 - float(probs[q, -1])
+        if fg >= cfg.anchor_score_threshold:
+            keep_q.append(q), keep_c.append(c), keep_s.append(fg), keep_a.append(True)
+    # Unanchored candidates: top-k over the flattened (query, class) grid, as MinVIS inference.
+    cls = probs[:, :-1].clone()
+    if anchors:
+        cls[list(anchors)] = -1.0
+    k = min(cfg.topk, cls.numel())
+    scores, flat = cls.flatten().topk(k)
+    for s, i in zip(scores.tolist(), flat.tolist()):
+        if s > cfg.score_threshold:
+            keep_q.append(i // num_classes), keep_c.append(i % num_classes), keep_s.append(s), keep_a.append(False)
+    h, w = masks.shape[-2:]
+    if keep_q:
+        m = (masks[keep_q] > cfg.mask_threshold).cpu().numpy()
+    else:
+        m = np.zeros((0, h, w), bool)
+    big = m.reshape(len(m), h * w).sum(1) >= cfg.min_area
+    return FramePseudo(
+        masks=m[big],
+        labels=np.asarray(keep_c, np.int64)[big],
+        scores=np.asarray(keep_s, np.float32)[big],
+        anchored=np.asarray(keep_a, bool)[big],
+        candidates=k + len(anchors),
+    )
+
+
+def anchor_queries(pred_masks: torch.Tensor, gt_masks: torch.Tensor, gt_labels: torch.Tensor,
+                   min_iou: float) -> dict[int, int]:
+    """Match a frame's predicted masks to its ground truth by mask IoU (Hungarian).
+
+    Args:
+        pred_masks: [Q, H, W] bool. gt_masks: [M, H, W] bool. gt_labels: [M].
+    Returns: query index -> ground-truth class for pairs with IoU >= ``min_iou``.
+    """
+    if len(gt_masks) == 0:
+        return {}
+    p = pred_masks.flatten(1).float()
+    g = gt_masks.flatten(1).float()
+    inter = p @ g.T
+    union = p.sum(1, keepdim=True) + g.sum(1) - inter
+    iou = (inter / union.clamp(min=1)).cpu().numpy()
+    rows, cols = linear_sum_assignment(-iou)
+    return {int(q): int(gt_labels[m]) for q, m in zip(rows, cols) if iou[q, m] >= min_iou}
+
+
+def pseudo_label_clip(outputs: dict[str, torch.Tensor], size: tuple[int, int], labelled: np.ndarray,
+                      gt_masks: np.ndarray, gt_frame: np.ndarray, gt_labels: np.ndarray,
+                      cfg: PseudoConfig) -> list[FramePseudo | None]:
+    """Pseudo-labels for the unlabelled frames of one clip (frames in temporal order).
+
+    Args:
+        outputs: model outputs for the clip's F frames: ``pred_logits`` [F,Q,K+1],
+            ``pred_masks`` [F,Q,h/4,w/4] (padded input), ``pred_embds`` [F,Q,C].
+        size: (h, w) of the frames before padding.
+        labelled: bool [F]; gt_masks uint8 [M,h,w], gt_frame int [M], gt_labels int [M].
+    Returns: one ``FramePseudo`` per frame, ``None`` for labelled frames.
+    """
+    logits, mask_logits, embds = outputs["pred_logits"], outputs["pred_masks"], outputs["pred_embds"]
+    num_frames = logits.shape[0]
+    # Track: permute each frame's queries into the first frame's order (MinVIS matching).
+    order = [torch.arange(logits.shape[1], device=logits.device)]
+    for f in range(1, num_frames):
+        perm = match_embeddings(embds[f - 1][order[-1]], embds[f])
+        order.append(perm.to(logits.device))
+    h, w = size
+    full = F.interpolate(mask_logits.float(), scale_factor=4, mode="bilinear", align_corners=False)[..., :h, :w]
+    anchors: dict[int, int] = {}
+    if cfg.anchor:
+        for f in np.flatnonzero(labelled):
+            sel = gt_frame == f
+            aligned = full[f][order[f]] > cfg.mask_threshold
+            gm = torch.from_numpy(np.ascontiguousarray(gt_masks[sel])).to(aligned.device).bool()
+            for q, c in anchor_queries(aligned, gm, torch.from_numpy(gt_labels[sel]), cfg.anchor_iou).items():
+                anchors.setdefault(q, c)  # the first labelled frame wins on conflict
+    result: list[FramePseudo | None] = []
+    for f in range(num_frames):
+        if labelled[f]:
+            result.append(None)
+            continue
+        # Anchors are in track (first-frame) order; map them to this frame's raw query index.
+        frame_anchors = {int(order[f][q]): c for q, c in anchors.items()}
+        result.append(select_frame(logits[f], full[f], cfg, frame_anchors))
+    return result

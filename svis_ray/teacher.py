@@ -1,0 +1,136 @@
+"""The teacher pool: Ray Data actors that pseudo-label clips while the student trains.
+
+``Teacher`` is a callable class for ``Dataset.map_batches(..., compute=ActorPoolStrategy)``:
+it sits between the decode tasks and the ``TorchTrainer`` workers, so Ray Data's streaming
+executor runs teachers and student concurrently with backpressure (no hand-made queues).
+
+Weights: in ``ema`` mode rank 0 of the student publishes an EMA of its weights every K steps to
+``WeightStore`` (a named actor holding only the latest version as an ObjectRef); teachers poll
+it between batches and reload when a newer version exists. ``frozen`` teachers load a fixed
+checkpoint once.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from svis_ray.config import Config, PseudoConfig, config_from_dict
+from svis_ray.data.transforms import pad_to_multiple
+from svis_ray.pseudo import pseudo_label_clip
+
+
+@ray.remote(num_cpus=0)
+class WeightStore:
+    """Latest published teacher weights: (version, ObjectRef of a CPU state dict)."""
+
+    def __init__(self) -> None:
+        self.version = -1
+        self.ref: list[ray.ObjectRef] = []
+
+    def put(self, version: int, ref: list[ray.ObjectRef]) -> None:
+        # The ref arrives wrapped in a list so Ray passes the reference instead of the value.
+        if version > self.version:
+            self.version, self.ref = version, ref
+
+    def get(self, have: int) -> tuple[int, list[ray.ObjectRef]]:
+        return (self.version, self.ref) if self.version > have else (have, [])
+
+    def latest_version(self) -> int:
+        return self.version
+
+
+def teacher_device() -> torch.device:
+    """The GPU Ray assigned to this actor, or the CPU when there is none (fake GPUs in tests)."""
+    if torch.cuda.is_available() and ray.get_gpu_ids():
+        return torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU
+    return torch.device("cpu")
+
+
+class Teacher:
+    """Pseudo-labels a batch of decoded clips (see ``data.ingest.decode_clip`` for the columns).
+
+    Adds ``ps_masks`` uint8 [P,h,w], ``ps_frame`` [P], ``ps_labels`` [P], ``ps_scores`` [P],
+    ``ps_anchored`` [P], ``ps_candidates``, ``teacher_version`` and ``teacher_time`` (when the
+    batch was labelled: lets tests and the timeline benchmark show teacher/student overlap).
+    """
+
+    def __init__(self, config: dict[str, Any], num_classes: int, store_name: str | None,
+                 wait_s: float = 600.0) -> None:
+        from svis_ray.model import build_model, load_pretrained
+
+        self.cfg: Config = config_from_dict(config)
+        if self.cfg.train.torch_threads:
+            torch.set_num_threads(self.cfg.train.torch_threads)
+        self.device = teacher_device()
+        self.model = build_model(self.cfg.model.preset, num_classes, **self.cfg.model.overrides)
+        self.model.to(self.device).eval()
+        self.version = -1
+        self.store = ray.get_actor(store_name) if store_name else None
+        if self.cfg.teacher.mode == "frozen":
+            load_pretrained(self.model, self.cfg.teacher.checkpoint)
+            self.version = 0
+        else:
+            deadline = time.monotonic() + wait_s
+            while not self._refresh():  # the student publishes version 0 before its first step
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"teacher: no weights published to {store_name} in {wait_s:.0f} s")
+                time.sleep(0.2)
+
+    def _refresh(self) -> bool:
+        if self.store is None:
+            return False
+        version, ref = ray.get(self.store.get.remote(self.version))
+        if ref:
+            state = ray.get(ref[0])
+            self.model.load_state_dict(state)
+            self.version = version
+            return True
+        return self.version >= 0
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        if self.cfg.teacher.mode == "ema":
+            self._refresh()
+        pcfg: PseudoConfig = self.cfg.pseudo
+        out: dict[str, list] = {k: [] for k in ("ps_masks", "ps_frame", "ps_labels", "ps_scores",
+                                                  "ps_anchored", "ps_candidates")}
+        for c in range(len(batch["clip_index"])):
+            image = batch["image"][c]  # [F,h,w,3]
+            f, h, w = image.shape[:3]
+            hp, wp = pad_to_multiple(h, w)
+            x = torch.zeros(f, 3, hp, wp, dtype=torch.uint8)
+            x[:, :, :h, :w] = torch.from_numpy(np.ascontiguousarray(image)).permute(0, 3, 1, 2)
+            frames = []
+            window = max(1, self.cfg.teacher.window)
+            for s in range(0, f, window):  # bounded memory on long clips
+                o = self.model(x[s:s + window].to(self.device))
+                frames.append({k: o[k] for k in ("pred_logits", "pred_masks", "pred_embds")})
+            outputs = {k: torch.cat([fr[k] for fr in frames]) for k in frames[0]} if f else None
+            per_frame = [] if outputs is None else pseudo_label_clip(
+                outputs, (h, w), batch["labelled"][c], batch["gt_masks"][c], batch["gt_frame"][c],
+                batch["gt_labels"][c], pcfg)
+            masks, frame_ids, labels, scores, anchored, cands = [], [], [], [], [], 0
+            for slot, fp in enumerate(per_frame):
+                if fp is None:
+                    continue
+                masks.append(fp.masks.astype(np.uint8))
+                frame_ids += [slot] * len(fp.labels)
+                labels.append(fp.labels), scores.append(fp.scores), anchored.append(fp.anchored)
+                cands += fp.candidates
+            out["ps_masks"].append(np.concatenate(masks) if masks else np.zeros((0, h, w), np.uint8))
+            out["ps_frame"].append(np.asarray(frame_ids, np.int64))
+            out["ps_labels"].append(np.concatenate(labels) if labels else np.zeros(0, np.int64))
+            out["ps_scores"].append(np.concatenate(scores) if scores else np.zeros(0, np.float32))
+            out["ps_anchored"].append(np.concatenate(anchored) if anchored else np.zeros(0, bool))
+            out["ps_candidates"].append(cands)
+        n = len(batch["clip_index"])
+        result = dict(batch)
+        result.update(out)
+        result["ps_candidates"] = np.asarray(out["ps_candidates"], np.int64)
+        result["teacher_version"] = np.full(n, self.version, np.int64)
+        result["teacher_time"] = np.full(n, time.time(), np.float64)
+        return result

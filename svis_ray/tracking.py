@@ -1,0 +1,121 @@
+"""MinVIS inference: per-frame predictions linked into video tracks by query-embedding matching.
+
+The student sees frames independently; a query that segments an object in one frame has a similar
+embedding in the next, so Hungarian matching of embeddings between consecutive frames (no memory
+bank) re-orders each frame's queries into the previous frame's order. After alignment, query slot
+q is one track across the whole video.
+"""
+
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import pycocotools.mask as mask_util
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor, nn
+
+SIZE_DIVISIBILITY = 32
+
+
+def match_embeddings(prev: Tensor, cur: Tensor) -> Tensor:
+    """Assign current queries to previous query slots by cosine similarity.
+
+    prev: [Q, C], cur: [Q, C]. Returns perm [Q] (int64) such that ``cur[perm]`` is aligned to prev.
+    """
+    prev = F.normalize(prev.float(), dim=-1)
+    cur = F.normalize(cur.float(), dim=-1)
+    cost = 1 - prev @ cur.T  # [Q_prev, Q_cur]
+    _, perm = linear_sum_assignment(cost.cpu().numpy())  # rows come back sorted 0..Q-1
+    return torch.as_tensor(perm, dtype=torch.int64)
+
+
+def _windows(frames: Iterable[np.ndarray], window: int) -> Iterator[list[np.ndarray]]:
+    chunk: list[np.ndarray] = []
+    for frame in frames:
+        chunk.append(frame)
+        if len(chunk) == window:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+@torch.no_grad()
+def track_video(model: nn.Module, frames: Iterable[np.ndarray], window: int = 30, topk: int = 10,
+                out_size: tuple[int, int] | None = None,
+                device: torch.device | str | None = None) -> list[dict]:
+    """Segment and track the instances of one video.
+
+    frames: T uint8 RGB arrays [h, w, 3], all the same size (already resized for inference).
+    out_size: (H, W) of the returned masks, normally the original frame size; default (h, w).
+    Returns up to ``topk`` tracks, best first: ``score`` (float), ``label`` (contiguous class
+    index) and ``masks`` (bool [T, H, W]). The same query may appear twice with different labels.
+
+    Memory: the model runs on ``window`` frames at a time, so device memory is bounded by one
+    window. Across the video only the aligned low-res mask logits are kept per frame (on the
+    CPU, T x Q x h/4 x w/4 floats), plus a running logit sum and the previous frame's
+    embeddings, because the top-k tracks are known only after the last frame.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+
+    logit_sum = None  # [Q, K+1], sum over frames of the aligned class logits
+    prev_embds = None  # [Q, C], aligned embeddings of the previous frame
+    masks_lowres: list[Tensor] = []  # per frame [Q, h/4, w/4] aligned mask logits (CPU)
+    h = w = 0
+    try:
+        for chunk in _windows(frames, window):
+            if not masks_lowres:
+                h, w = chunk[0].shape[:2]
+            if any(f.shape != (h, w, 3) for f in chunk):
+                shapes = [f.shape for f in chunk]
+                raise ValueError(f"frames must all be {h}x{w}x3 RGB, got {shapes}")
+            images = torch.from_numpy(np.stack(chunk)).to(device).permute(0, 3, 1, 2).float()
+            pad_h, pad_w = -h % SIZE_DIVISIBILITY, -w % SIZE_DIVISIBILITY
+            outputs = model(F.pad(images, (0, pad_w, 0, pad_h)))
+            for logits, masks, embds in zip(outputs["pred_logits"], outputs["pred_masks"],
+                                            outputs["pred_embds"]):
+                # The first frame fixes the query order; later frames follow the previous one.
+                perm = (torch.arange(len(embds)) if prev_embds is None
+                        else match_embeddings(prev_embds, embds)).to(embds.device)
+                logits, masks, prev_embds = logits[perm].float(), masks[perm], embds[perm]
+                logit_sum = logits if logit_sum is None else logit_sum + logits
+                masks_lowres.append(masks.float().cpu())
+    finally:
+        model.train(was_training)
+    if logit_sum is None:
+        return []
+
+    # Average logits before the softmax (as MinVIS), then rank every (query, class) pair.
+    scores = (logit_sum / len(masks_lowres)).softmax(-1)[:, :-1].cpu()  # [Q, K]
+    num_classes = scores.shape[1]
+    top_scores, top_idx = scores.flatten().topk(min(topk, scores.numel()))
+    queries = top_idx // num_classes
+    labels = top_idx % num_classes
+
+    out_h, out_w = out_size if out_size is not None else (h, w)
+    padded = (h + (-h % SIZE_DIVISIBILITY), w + (-w % SIZE_DIVISIBILITY))
+    video_masks = torch.empty(len(queries), len(masks_lowres), out_h, out_w, dtype=torch.bool)
+    for t, frame_masks in enumerate(masks_lowres):
+        m = F.interpolate(frame_masks[queries][None], size=padded, mode="bilinear",
+                          align_corners=False)[:, :, :h, :w]
+        m = F.interpolate(m, size=(out_h, out_w), mode="bilinear", align_corners=False)
+        video_masks[:, t] = m[0] > 0
+    return [{"score": float(s), "label": int(c), "masks": m.numpy()}
+            for s, c, m in zip(top_scores, labels, video_masks)]
+
+
+def tracks_to_results(tracks: list[dict], video_id: int, idx_to_cat: dict[int, int]) -> list[dict]:
+    """YouTube-VIS ``results.json`` records, one per track, with one compressed RLE per frame."""
+    results = []
+    for track in tracks:
+        segmentations = []
+        for mask in track["masks"]:
+            rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+            rle["counts"] = rle["counts"].decode("ascii")
+            segmentations.append(rle)
+        results.append({"video_id": video_id, "category_id": idx_to_cat[track["label"]],
+                        "score": track["score"], "segmentations": segmentations})
+    return results

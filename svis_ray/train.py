@@ -1,0 +1,437 @@
+"""Semi-supervised training: a Ray Train ``TorchTrainer`` student fed by a Ray Data stream
+of clips that a teacher actor pool pseudo-labels concurrently.
+
+    driver:   parse annotations -> clip rows -> [decode tasks] -> [teacher actor pool] -> shards
+    workers:  train_loop_per_worker: MinVIS student (DDP), EMA teacher published to WeightStore
+    controller callback: CSV + TensorBoard + console progress in the run folder
+
+Resuming: re-running with the same ``output.dir`` continues from the last checkpoint (Ray Train
+finds the run snapshot by name); a worker failure restarts the worker group from it
+(``FailureConfig(max_failures)``). The clip schedule is deterministic, so a restart skips the
+clips the checkpoint has already trained on.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from svis_ray.config import Config, config_from_dict
+from svis_ray.errors import SvisError
+
+log = logging.getLogger("svis_ray")
+
+PROGRESS_FILE = "progress.json"  # last checkpointed step, read by the dataset factory on restart
+
+
+# ----------------------------------------------------------------------------- pure helpers
+def pseudo_weight(step: int, cfg: Config) -> float:
+    """lambda_pseudo at ``step``: 0 during teacher warm-up, then a linear ramp to ``pseudo.weight``."""
+    s = step - cfg.teacher.warmup_steps
+    if s < 0:
+        return 0.0
+    if cfg.pseudo.ramp_steps <= 0:
+        return cfg.pseudo.weight
+    return cfg.pseudo.weight * min(1.0, (s + 1) / cfg.pseudo.ramp_steps)
+
+
+def worker_device() -> torch.device:
+    """The worker's GPU when CUDA really exists, else the CPU (fake GPU slots in tests)."""
+    if torch.cuda.is_available():
+        dev = ray.train.torch.get_device()
+        return dev[0] if isinstance(dev, list) else dev
+    return torch.device("cpu")
+
+
+def run_dir(cfg: Config) -> Path:
+    return Path(cfg.output.dir).expanduser().resolve()
+
+
+def num_clips(cfg: Config, world_size: int) -> int:
+    return cfg.train.max_steps * world_size * cfg.data.clips_per_step
+
+
+# ----------------------------------------------------------------------------- the worker loop
+def _online_targets(outputs: dict[str, torch.Tensor], targets: list[dict], cfg: Config) -> list[dict]:
+    """Sparse-MinVIS: the student labels its own unlabelled frames from this very forward pass."""
+    from svis_ray.pseudo import select_frame
+
+    logits, masks = outputs["pred_logits"].detach(), outputs["pred_masks"].detach()
+    hp, wp = masks.shape[-2] * 4, masks.shape[-1] * 4
+    for i, t in enumerate(targets):
+        if t["labels"] is not None:
+            continue
+        full = torch.nn.functional.interpolate(masks[i:i + 1].float(), size=(hp, wp), mode="bilinear",
+                                               align_corners=False)[0]
+        h, w = t["size"]
+        full[:, h:, :] = -1e4  # padding is never foreground
+        full[:, :, w:] = -1e4
+        fp = select_frame(logits[i], full, cfg.pseudo)
+        t["labels"] = torch.from_numpy(fp.labels).to(logits.device)
+        t["masks"] = torch.from_numpy(fp.masks).to(logits.device)
+        t["scores"], t["candidates"] = fp.scores, fp.candidates
+    return targets
+
+
+class _Window:
+    """Running sums of per-step metrics between two reports."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.steps = 0
+        self.frames = 0
+        self.t0 = time.perf_counter()
+
+    def add(self, values: dict[str, float], frames: int) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+        self.steps += 1
+        self.frames += frames
+
+    def means(self) -> dict[str, float]:
+        out = {k: v / max(1, self.steps) for k, v in self.sums.items()}
+        out["frames_per_s"] = self.frames / max(1e-9, time.perf_counter() - self.t0)
+        return out
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Runs on every ``TorchTrainer`` worker."""
+    from svis_ray.data.ingest import ClipCollate, load_split
+    from svis_ray.inference import evaluate_split
+    from svis_ray.losses import SetCriterion
+    from svis_ray.matcher import HungarianMatcher
+    from svis_ray.model import build_model, load_pretrained, save_checkpoint
+    from svis_ray.optim import build_optimizer, build_scheduler, train_step
+
+    cfg = config_from_dict(loop_config["config"])
+    class_names: list[str] = loop_config["class_names"]
+    store_name: str | None = loop_config["store_name"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if cfg.train.torch_threads:
+        torch.set_num_threads(cfg.train.torch_threads)
+    torch.manual_seed(cfg.train.seed * 1000 + rank)
+    device = worker_device()
+
+    model = build_model(cfg.model.preset, len(class_names), **cfg.model.overrides)
+    if cfg.model.weights:
+        load_pretrained(model, cfg.model.weights)
+    L = cfg.loss
+    matcher = HungarianMatcher(L.class_weight, L.mask_weight, L.dice_weight, L.num_points)
+    criterion = SetCriterion(len(class_names), matcher,
+                             weight_dict={"loss_ce": L.class_weight, "loss_mask": L.mask_weight,
+                                          "loss_dice": L.dice_weight},
+                             eos_coef=L.eos_coef, num_points=L.num_points, oversample_ratio=L.oversample_ratio,
+                             importance_sample_ratio=L.importance_sample_ratio).to(device)
+    model.to(device)
+    optimizer = build_optimizer(model, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                                backbone_multiplier=cfg.train.backbone_multiplier)
+    scheduler = build_scheduler(optimizer, cfg.train.max_steps, warmup_steps=cfg.train.warmup_steps,
+                                milestones=tuple(cfg.train.milestones), gamma=cfg.train.gamma)
+    amp = cfg.train.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if amp else None
+
+    step, best_ap, ema = 0, -1.0, None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            load_pretrained(model, os.path.join(d, "model.pt"))
+            state = torch.load(os.path.join(d, "train_state.pt"), map_location=device, weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, best_ap = int(state["step"]), float(state["best_ap"])
+        if state.get("ema") is not None:
+            ema = copy.deepcopy(model)
+            ema.load_state_dict(state["ema"])
+    if rank == 0 and cfg.teacher.mode == "ema" and ema is None:
+        ema = copy.deepcopy(model)
+    if ema is not None:
+        ema.to(device).eval().requires_grad_(False)
+
+    store = ray.get_actor(store_name) if (store_name and rank == 0) else None
+
+    def publish() -> None:
+        state = {k: v.detach().to("cpu", copy=True) for k, v in ema.state_dict().items()}
+        ray.get(store.put.remote(step, [ray.put(state)]))
+
+    if store is not None and cfg.teacher.mode == "ema":
+        publish()  # version = the step it was taken at; teachers wait for the first one
+
+    student = ray.train.torch.prepare_model(model, move_to_device=device)
+    val = load_split(cfg.data.root, cfg.data.val_json) if rank == 0 and cfg.data.val_json else None
+    window = _Window()
+    last_metrics: dict[str, Any] = {}
+    shard = ray.train.get_dataset_shard("train")
+    batches = shard.iter_torch_batches(batch_size=cfg.data.clips_per_step, collate_fn=ClipCollate(),
+                                       prefetch_batches=2)
+    for images, targets, stats in batches:
+        if step >= cfg.train.max_steps:
+            break
+        t_step = time.time()
+        lam = pseudo_weight(step, cfg)
+        kept = cands = pseudo_frames = 0
+        for t in targets:
+            t["weight"] = lam if t["pseudo"] else 1.0
+            if t["labels"] is not None:
+                t["labels"], t["masks"] = t["labels"].to(device), t["masks"].to(device)
+            if t["pseudo"] and "scores" in t:
+                kept += len(t["labels"])
+                pseudo_frames += 1
+        if cfg.teacher.mode == "online":
+            def make_targets(outputs: dict[str, torch.Tensor]) -> list[dict]:
+                return _online_targets(outputs, targets, cfg)
+        else:
+            make_targets = None
+        parts = train_step(student, criterion, optimizer, scheduler, images.to(device),
+                           make_targets or targets, scaler=scaler, clip_norm=cfg.train.clip_norm, amp=amp)
+        if cfg.teacher.mode == "online":
+            for t in targets:
+                if t["pseudo"]:
+                    kept += len(t["labels"])
+                    pseudo_frames += 1
+                    cands += t.get("candidates", 0)
+        else:
+            cands = stats.get("pseudo_candidates", 0.0)
+        step += 1
+        if ema is not None:
+            with torch.no_grad():
+                m = cfg.teacher.ema_momentum
+                for pe, ps in zip(ema.state_dict().values(), model.state_dict().values()):
+                    if pe.dtype.is_floating_point:
+                        pe.mul_(m).add_(ps.detach(), alpha=1 - m)
+                    else:
+                        pe.copy_(ps)
+            if store is not None and step % cfg.teacher.publish_every == 0:
+                publish()
+        window.add({**parts, "lambda_pseudo": lam, "pseudo_per_frame": kept / max(1, pseudo_frames),
+                    "acceptance": kept / cands if cands else 0.0, "bad_frames": stats["bad_frames"],
+                    "teacher_lag": (step - 1 - stats["teacher_version_min"]) if "teacher_version_min" in stats
+                    else 0.0}, frames=len(images))
+        last_metrics.update(step=step, time=time.time(), step_start=t_step,
+                            teacher_time_max=stats.get("teacher_time_max", float("nan")),
+                            teacher_time_min=stats.get("teacher_time_min", float("nan")))
+        do_ckpt = step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps
+        do_eval = val is not None and (step == cfg.train.max_steps or (
+            cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0))
+        if not (do_ckpt or step % cfg.train.log_every == 0):
+            continue
+        metrics = {**window.means(), **last_metrics, "val_AP": best_ap}
+        window = _Window()
+        if not do_ckpt:
+            ray.train.report(metrics)
+            continue
+        with tempfile.TemporaryDirectory() as d:
+            if rank == 0:
+                if do_eval:
+                    evaluated = ema if (ema is not None and loop_config["eval_ema"]) else model
+                    val_metrics, records = evaluate_split(evaluated, val, cfg.data.root, cfg.data.min_size_test,
+                                                          cfg.data.max_size_test, window=cfg.teacher.window)
+                    metrics.update({f"val_{k}": v for k, v in val_metrics.items() if k != "per_category"})
+                    best_ap = max(best_ap, val_metrics["AP"])
+                    with open(os.path.join(d, "results.json"), "w") as f:
+                        json.dump(records, f)
+                    with open(os.path.join(d, "metrics.json"), "w") as f:
+                        json.dump({**val_metrics, "step": step}, f, indent=1)
+                metrics["val_AP"] = metrics.get("val_AP", best_ap)
+                save_checkpoint(os.path.join(d, "model.pt"), model, class_names,
+                                extra={"step": step, "val_AP": metrics["val_AP"]})
+                torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                            "step": step, "best_ap": best_ap,
+                            "ema": ema.state_dict() if ema is not None else None},
+                           os.path.join(d, "train_state.pt"))
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+            else:
+                ray.train.report(metrics)
+
+
+# ----------------------------------------------------------------------------- logging callback
+class MetricsLogger(UserCallback):
+    """Writes rank-0 metrics to ``metrics.csv`` and TensorBoard, prints progress, records the
+    last checkpointed step for the dataset factory. Runs in the Train controller (driver node)."""
+
+    def __init__(self, out_dir: str, max_steps: int, progress_bar: bool) -> None:
+        self.out_dir = out_dir
+        self.max_steps = max_steps
+        self.progress_bar = progress_bar
+        self.fields: list[str] | None = None
+        self.writer = None
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        m = metrics[0]
+        os.makedirs(self.out_dir, exist_ok=True)
+        path = os.path.join(self.out_dir, "metrics.csv")
+        row = {k: v for k, v in m.items() if isinstance(v, (int, float))}
+        if self.fields is None:
+            self.fields = sorted(row)
+            if os.path.exists(path):  # resumed run: keep appending with the original columns
+                with open(path) as f:
+                    header = f.readline().strip()
+                self.fields = header.split(",") if header else self.fields
+        new = not os.path.exists(path)
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerow(row)
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(self.out_dir, "tb"))
+        for k, v in row.items():
+            if k not in ("step", "time", "step_start") and not k.startswith("teacher_time"):
+                self.writer.add_scalar(k, v, int(m["step"]))
+        self.writer.flush()
+        if checkpoint is not None:
+            tmp = os.path.join(self.out_dir, PROGRESS_FILE + ".tmp")
+            with open(tmp, "w") as f:
+                json.dump({"step": int(m["step"])}, f)
+            os.replace(tmp, os.path.join(self.out_dir, PROGRESS_FILE))
+        step = int(m["step"])
+        done = int(30 * step / self.max_steps)
+        bar = f"[{'#' * done}{'.' * (30 - done)}] " if self.progress_bar else ""
+        ap = f" val_AP {100 * m['val_AP']:.1f}" if m.get("val_AP", -1) >= 0 else ""
+        print(f"{bar}step {step}/{self.max_steps} loss {m.get('loss', float('nan')):.3f} "
+              f"lr {m.get('lr', 0):.2e} {m.get('frames_per_s', 0):.1f} frames/s "
+              f"pseudo/frame {m.get('pseudo_per_frame', 0):.2f} lag {m.get('teacher_lag', 0):.0f}{ap}",
+              flush=True)
+
+
+# ----------------------------------------------------------------------------- the driver
+def _read_progress(out_dir: str) -> int:
+    try:
+        with open(os.path.join(out_dir, PROGRESS_FILE)) as f:
+            return int(json.load(f)["step"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def make_dataset_factory(cfg: Config, world_size: int, num_classes: int, store_name: str | None):
+    """A zero-arg callable building the training stream; Train calls it at every worker-group
+    start, so a restart rebuilds the pipeline from the last checkpointed step."""
+    from svis_ray.data.ingest import DecodeConfig, clip_rows, decode_clip, load_split
+    from svis_ray.teacher import Teacher
+
+    out_dir = str(run_dir(cfg))
+    cfg_dict = cfg.to_dict()
+
+    def factory():
+        train = load_split(cfg.data.root, cfg.data.train_json)
+        per_step = world_size * cfg.data.clips_per_step
+        first = _read_progress(out_dir) * per_step
+        rows = clip_rows(train, cfg.data.root, num_clips(cfg, world_size), 1 + cfg.data.unlabelled_per_clip,
+                         cfg.train.seed, first_clip=first)
+        dcfg = DecodeConfig(tuple(cfg.data.min_size_train), cfg.data.max_size_train, cfg.data.flip,
+                            cfg.data.on_bad_frame, cfg.train.seed)
+        ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 8 * world_size)))
+        ds = ds.map(decode_clip, fn_kwargs={"cfg": dcfg}, num_cpus=cfg.data.decode_cpus)
+        if cfg.teacher.mode != "online":
+            ds = ds.map_batches(Teacher, batch_size=cfg.teacher.batch_size, batch_format="numpy",
+                                fn_constructor_kwargs={"config": cfg_dict, "num_classes": num_classes,
+                                                       "store_name": store_name},
+                                num_gpus=cfg.teacher.gpus_per_teacher, num_cpus=0,
+                                compute=ray.data.ActorPoolStrategy(size=cfg.teacher.num_teachers))
+        return ds
+
+    return factory
+
+
+def _ray_init() -> None:
+    """Join the cluster in RAY_ADDRESS (``ray job submit``), else start a local Ray."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        # Logical CPUs above the core count: Train workers hold whole CPUs and Ray Data needs some
+        # left for decoding, otherwise a 2-core machine deadlocks (see docs/ray notes).
+        ray.init(address="local", num_cpus=max(8, 2 * (os.cpu_count() or 1)),
+                 object_store_memory=int(os.environ.get("SVIS_OBJECT_STORE_BYTES", 512 * 1024**2)),
+                 include_dashboard=True, log_to_driver=True)
+
+
+def user_error_in(exc: BaseException) -> str | None:
+    """The one-line ``SvisError`` message buried in a Ray/Train failure, if any."""
+    m = re.search(r"SvisError: (.+)", str(exc))
+    return m.group(1).strip() if m else None
+
+
+def run_training(cfg: Config, callbacks: list[UserCallback] | None = None) -> dict[str, Any]:
+    """Train with ``cfg``; returns a summary with the run folder, best checkpoint and metrics.
+
+    ``callbacks`` are extra Ray Train ``UserCallback``s (Tune adds its ``TuneReportCallback``).
+    """
+    from svis_ray.data.ingest import load_split
+    from svis_ray.teacher import WeightStore
+
+    out = run_dir(cfg)
+    if cfg.teacher.mode == "frozen" and not cfg.teacher.checkpoint:
+        raise SvisError("config: teacher.mode=frozen needs teacher.checkpoint")
+    train = load_split(cfg.data.root, cfg.data.train_json)
+    if cfg.data.val_json:
+        load_split(cfg.data.root, cfg.data.val_json)  # fail now, not after an hour of training
+    class_names = list(train.class_names)
+    _ray_init()
+    world = cfg.train.num_workers
+    store_name = None
+    if cfg.teacher.mode != "online":
+        store_name = f"svis_weights_{out.name}_{abs(hash(str(out))) % 10**8}"
+        WeightStore.options(name=store_name, get_if_exists=True).remote()
+    out.mkdir(parents=True, exist_ok=True)
+    from svis_ray.config import save_config
+
+    save_config(cfg, out / "config.yaml")
+    use_gpu = cfg.train.use_gpu
+    resources = {"CPU": cfg.train.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "class_names": class_names, "store_name": store_name,
+                           "eval_ema": cfg.teacher.mode == "ema"},
+        scaling_config=ScalingConfig(num_workers=world, use_gpu=use_gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if use_gpu and torch.cuda.is_available() else "gloo"),
+        run_config=RunConfig(
+            name=out.name, storage_path=str(out.parent),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep,
+                                               checkpoint_score_attribute="val_AP",
+                                               checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=[MetricsLogger(str(out), cfg.train.max_steps, cfg.output.progress_bar),
+                       *(callbacks or [])]),
+        datasets={"train": make_dataset_factory(cfg, world, len(class_names), store_name)},
+    )
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        msg = user_error_in(e)
+        if msg:
+            raise SvisError(msg) from None
+        raise
+    best = result.get_best_checkpoint(metric="val_AP", mode="max") or result.checkpoint
+    if best is None:
+        raise SvisError(f"{out}: training finished without a checkpoint")
+    summary: dict[str, Any] = {"run_dir": str(out), "steps": cfg.train.max_steps}
+    with best.as_directory() as d:
+        shutil.copyfile(os.path.join(d, "model.pt"), out / "best.pt")
+        for name in ("results.json", "metrics.json"):
+            if os.path.exists(os.path.join(d, name)):
+                shutil.copyfile(os.path.join(d, name), out / name)
+    summary["checkpoint"] = str(out / "best.pt")
+    if (out / "metrics.json").exists():
+        summary["metrics"] = json.loads((out / "metrics.json").read_text())
+    return summary

@@ -1,0 +1,156 @@
+"""End-to-end tests of the Ray pipeline in local debug mode (CPU, fake GPU slots for teachers)."""
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from svis_ray.config import load_config
+from svis_ray.data.sparsify import sparsify
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def sparse_root(demo_root, tmp_path_factory):
+    """The session demo data plus its 1-labelled-frame subset."""
+    sparsify(str(demo_root / "train.json"), str(demo_root / "train_1frame.json"), frames_per_video=1,
+             strategy="middle", seed=0)
+    return demo_root
+
+
+def small_config(root, out, *extra):
+    return load_config(ROOT / "configs" / "debug.yaml", [
+        f"data.root={root}", f"output.dir={out}", "train.max_steps=6", "train.checkpoint_every=3",
+        "train.eval_every=3", "train.log_every=1", "teacher.publish_every=2", "teacher.warmup_steps=0",
+        "pseudo.ramp_steps=0", "data.clips_per_step=1", "loss.num_points=1024", *extra])
+
+
+def read_rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.timeout(600)
+def test_debug_run_two_workers_two_teachers(ray_local, sparse_root, tmp_path):
+    from svis_ray.train import run_training
+
+    # Teachers ask for one (fake) GPU each and fall back to the CPU.
+    cfg = small_config(sparse_root, tmp_path / "run", "teacher.gpus_per_teacher=1", "teacher.num_teachers=2",
+                       "train.num_workers=2")
+    summary = run_training(cfg)
+    run = Path(summary["run_dir"])
+    for name in ("best.pt", "results.json", "metrics.json", "metrics.csv", "config.yaml"):
+        assert (run / name).exists(), name
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics) >= {"AP", "AP50", "AP75", "AR1", "AR10", "per_category"}
+    rows = read_rows(run / "metrics.csv")
+    assert [int(r["step"]) for r in rows] == list(range(1, 7))
+    # Concurrency: clips consumed later in the run were pseudo-labelled after the student had
+    # already started stepping, i.e. teachers and student ran at the same time.
+    first_step = min(float(r["step_start"]) for r in rows)
+    assert any(float(r["teacher_time_max"]) > first_step for r in rows)
+    assert all(float(r["teacher_time_max"]) <= float(r["time"]) for r in rows)
+    # Teacher weights were refreshed from the student's EMA during the run.
+    assert max(float(r["teacher_lag"]) for r in rows) >= 0
+    results = json.loads((run / "results.json").read_text())
+    assert results and {"video_id", "category_id", "score", "segmentations"} <= set(results[0])
+
+
+def _train_worker_pids():
+    from ray.util.state import list_actors
+
+    return [a.pid for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+            if "RayTrainWorker" in a.class_name]
+
+
+@pytest.mark.timeout(600)
+def test_killed_worker_resumes_from_checkpoint(ray_local, sparse_root, tmp_path):
+    from svis_ray.train import run_training
+
+    cfg = small_config(sparse_root, tmp_path / "run", "train.max_steps=8", "train.checkpoint_every=2",
+                       "train.eval_every=0", "train.num_workers=2", "teacher.num_teachers=1")
+    result, error = {}, []
+
+    def target():
+        try:
+            result.update(run_training(cfg))
+        except BaseException as e:  # surfaced by the assertion below
+            error.append(e)
+
+    th = threading.Thread(target=target)
+    th.start()
+    progress = tmp_path / "run" / "progress.json"
+    deadline = time.time() + 400
+    while not progress.exists() and time.time() < deadline and th.is_alive():
+        time.sleep(0.5)
+    assert progress.exists(), "no checkpoint before the kill"
+    pids = _train_worker_pids()
+    assert pids
+    os.kill(pids[-1], signal.SIGKILL)
+    th.join(500)
+    assert not error, error
+    rows = read_rows(tmp_path / "run" / "metrics.csv")
+    steps = [int(r["step"]) for r in rows]
+    assert steps[-1] == 8
+    # The restart resumed from a checkpoint (steps repeat from there), not from step 0.
+    restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
+    assert steps[restart] > 1
+    assert (tmp_path / "run" / "best.pt").exists()
+
+
+@pytest.mark.timeout(600)
+def test_rerun_with_same_output_dir_resumes(ray_local, sparse_root, tmp_path):
+    from svis_ray.train import run_training
+
+    cfg = small_config(sparse_root, tmp_path / "run", "train.max_steps=2", "train.checkpoint_every=2",
+                       "train.eval_every=0", "train.num_workers=1", "teacher.num_teachers=1")
+    run_training(cfg)
+    cfg.train.max_steps = 4
+    cfg.train.milestones = [3]
+    run_training(cfg)
+    steps = [int(r["step"]) for r in read_rows(tmp_path / "run" / "metrics.csv")]
+    assert steps == [1, 2, 3, 4]
+
+
+@pytest.mark.timeout(600)
+def test_ray_job_submit(sparse_root, tmp_path):
+    """`ray start --head` on loopback, `ray job submit` of jobs/train.py, SUCCEEDED + outputs."""
+    ray_bin = Path(sys.executable).parent / "ray"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    temp = Path("/tmp") / f"svis_job_{os.getpid()}"
+    subprocess.run([str(ray_bin), "start", "--head", "--node-ip-address=127.0.0.1", "--port=6391",
+                    "--dashboard-port=8291", "--ray-client-server-port=20291", "--num-cpus=8",
+                    f"--temp-dir={temp}", "--disable-usage-stats", "--object-store-memory=300000000"],
+                   check=True, env=env, capture_output=True)
+    try:
+        out = tmp_path / "job_run"
+        r = subprocess.run(
+            [str(ray_bin), "job", "submit", "--address", "http://127.0.0.1:8291", "--working-dir", str(ROOT),
+             "--runtime-env-json", json.dumps({"excludes": [".venv", "demo", "runs", ".git"]}), "--",
+             "python", "jobs/train.py", "--config", "configs/debug.yaml", f"data.root={sparse_root}",
+             f"output.dir={out}", "train.max_steps=2", "train.checkpoint_every=2", "train.eval_every=2",
+             "train.num_workers=1", "teacher.num_teachers=1", "data.clips_per_step=1",
+             "loss.num_points=1024"],
+            env=env, capture_output=True, text=True, timeout=500)
+        assert "SUCCEEDED" in r.stdout + r.stderr, r.stdout[-3000:] + r.stderr[-3000:]
+        assert (out / "best.pt").exists() and (out / "metrics.json").exists()
+    finally:
+        # Stop only this head (by its temp dir), never `ray stop` (it kills every Ray on the host).
+        for line in subprocess.run(["pgrep", "-f", str(temp)], capture_output=True, text=True).stdout.split():
+            try:
+                os.kill(int(line), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(temp, ignore_errors=True)

@@ -1,0 +1,94 @@
+import numpy as np
+import torch
+
+from svis_ray.config import PseudoConfig
+from svis_ray.pseudo import anchor_queries, pseudo_label_clip, select_frame
+
+K = 3  # classes
+
+
+def logits_for(probs):
+    """Logits whose softmax is ``probs`` ([Q, K+1])."""
+    return torch.tensor(probs, dtype=torch.float32).log()
+
+
+def square(h, w, y0, x0, s):
+    m = torch.zeros(h, w)
+    m[y0:y0 + s, x0:x0 + s] = 1
+    return m
+
+
+def iou(a, b):
+    a, b = np.asarray(a, bool), b.bool().numpy()
+    return (a & b).sum() / (a | b).sum()
+
+
+def test_select_frame_threshold_topk_and_area():
+    cfg = PseudoConfig(topk=2, score_threshold=0.8, min_area=4, anchor=False)
+    probs = [[0.9, 0.05, 0.0, 0.05],   # q0: class 0 at 0.9 -> kept
+             [0.05, 0.85, 0.0, 0.1],   # q1: class 1 at 0.85 -> kept (top-2)
+             [0.0, 0.0, 0.82, 0.18],   # q2: 0.82 > thr but outside the top-2
+             [0.1, 0.1, 0.1, 0.7]]
+    masks = torch.stack([square(8, 8, 0, 0, 3), square(8, 8, 4, 4, 1), square(8, 8, 0, 0, 4),
+                         square(8, 8, 0, 0, 4)]) * 2 - 1  # logits: +1 inside, -1 outside
+    fp = select_frame(logits_for(probs), masks, cfg)
+    # q1's mask has 1 pixel < min_area: dropped even though its score passes
+    assert fp.labels.tolist() == [0]
+    assert np.allclose(fp.scores, [0.9])
+    assert fp.masks.shape == (1, 8, 8) and fp.masks.sum() == 9
+    assert fp.candidates == 2 and not fp.anchored.any()
+
+
+def test_anchored_query_passes_lower_threshold_with_gt_class():
+    cfg = PseudoConfig(topk=10, score_threshold=0.8, anchor_score_threshold=0.3, min_area=1)
+    probs = [[0.3, 0.2, 0.1, 0.4],    # unsure teacher: foreground 0.6, best class 0.3
+             [0.05, 0.05, 0.05, 0.85]]
+    masks = torch.stack([square(8, 8, 0, 0, 4), square(8, 8, 4, 4, 2)]) * 2 - 1
+    plain = select_frame(logits_for(probs), masks, cfg)
+    assert len(plain.labels) == 0
+    anchored = select_frame(logits_for(probs), masks, cfg, anchors={0: 2})
+    assert anchored.labels.tolist() == [2]  # the ground-truth class, not the teacher's argmax
+    assert anchored.anchored.tolist() == [True]
+    assert np.isclose(anchored.scores[0], 0.6)
+
+
+def test_anchor_queries_hungarian_iou():
+    pred = torch.stack([square(10, 10, 0, 0, 4), square(10, 10, 5, 5, 5), square(10, 10, 0, 6, 2)]).bool()
+    gt = torch.stack([square(10, 10, 5, 5, 4), square(10, 10, 0, 0, 4)]).bool()
+    got = anchor_queries(pred, gt, torch.tensor([1, 2]), min_iou=0.5)
+    assert got == {0: 2, 1: 1}  # q1 vs gt0: IoU 16/25 = 0.64
+    assert anchor_queries(pred, gt, torch.tensor([1, 2]), min_iou=0.7) == {0: 2}
+
+
+def test_pseudo_label_clip_follows_tracks_across_permuted_queries():
+    """Frame 0 is labelled; in frame 1 the teacher's query order is permuted. The anchored
+    track must still be found (via embeddings) and take the ground-truth class."""
+    torch.manual_seed(0)
+    q, c = 4, 8
+    emb = torch.randn(q, c)
+    perm = torch.tensor([2, 0, 3, 1])  # frame-1 query i holds object perm[i]
+    obj_masks = torch.stack([square(32, 32, 0, 0, 8), square(32, 32, 16, 16, 8), square(32, 32, 0, 20, 8),
+                             square(32, 32, 20, 0, 8)])
+    low = torch.nn.functional.interpolate((obj_masks * 20 - 10)[None], scale_factor=0.25, mode="bilinear")[0]
+    probs0 = torch.tensor([[0.2, 0.2, 0.2, 0.4]] * q)  # unsure: nothing passes 0.8 on its own
+    probs0[3] = torch.tensor([0.9, 0.04, 0.03, 0.03])   # object 3: confident class 0
+    outputs = {
+        "pred_logits": torch.stack([probs0.log(), probs0[perm].log()]),
+        "pred_masks": torch.stack([low, low[perm]]),
+        "pred_embds": torch.stack([emb, emb[perm]]),
+    }
+    cfg = PseudoConfig(min_area=1, anchor_iou=0.5, anchor_score_threshold=0.5)
+    gt_masks = obj_masks[1:2].numpy().astype(np.uint8)  # GT: object 1, class 2
+    res = pseudo_label_clip(outputs, (32, 32), np.array([True, False]), gt_masks, np.array([0]),
+                            np.array([2]), cfg)
+    assert res[0] is None
+    fp = res[1]
+    by_label = dict(zip(fp.labels.tolist(), fp.masks))
+    assert set(by_label) == {2, 0}
+    assert iou(by_label[2], obj_masks[1]) > 0.9  # anchored object 1, with the GT class
+    assert iou(by_label[0], obj_masks[3]) > 0.9  # confident object 3
+    assert fp.anchored.tolist() == [True, False]
+    cfg_off = PseudoConfig(min_area=1, anchor=False)
+    res_off = pseudo_label_clip(outputs, (32, 32), np.array([True, False]), gt_masks, np.array([0]),
+                                np.array([2]), cfg_off)
+    assert res_off[1].labels.tolist() == [0]
