@@ -87,6 +87,9 @@ class TeacherConfig:
     warmup_steps: int = 0  # pseudo-labels are ignored (weight 0) before this step
     batch_size: int = 2  # clips per teacher call
     window: int = 30  # frames per teacher forward chunk
+    # Object store the training stream may fill ahead of the student. Bounds how far teachers
+    # run ahead, i.e. how stale (old teacher version) the pseudo-labels a step trains on can be.
+    max_buffer_mb: int = 512
 
 
 @dataclass
@@ -223,6 +226,27 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def check_config(cfg: Config, source: str = "config") -> Config:
+    """Cross-field checks that types alone cannot express; fail before Ray starts."""
+    t = cfg.train
+    late = [m for m in t.milestones if m > t.max_steps]
+    if late:
+        raise SvisError(f"{source}: train.milestones {late} lie beyond train.max_steps={t.max_steps} "
+                        f"(set train.milestones too, e.g. train.milestones=[])")
+    positive = {"train.max_steps": t.max_steps, "train.checkpoint_every": t.checkpoint_every,
+                "train.log_every": t.log_every, "train.num_workers": t.num_workers,
+                "data.clips_per_step": cfg.data.clips_per_step, "teacher.publish_every": cfg.teacher.publish_every,
+                "teacher.num_teachers": cfg.teacher.num_teachers, "teacher.batch_size": cfg.teacher.batch_size}
+    for key, value in positive.items():
+        if value < 1:
+            raise SvisError(f"{source}: {key} must be >= 1, got {value}")
+    if not cfg.data.min_size_train:
+        raise SvisError(f"{source}: data.min_size_train must list at least one size")
+    if cfg.teacher.mode == "frozen" and not cfg.teacher.checkpoint:
+        raise SvisError(f"{source}: teacher.mode=frozen needs teacher.checkpoint")
+    return cfg
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load ``path`` (YAML) and apply ``key=value`` overrides; validate every key and type."""
     data: dict[str, Any] = {}
@@ -239,7 +263,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             at = f" at line {mark.line + 1}" if mark else ""
             raise SvisError(f"{path}: malformed YAML{at}: {getattr(e, 'problem', e)}") from None
     data = _merge(data, parse_overrides(overrides or []))
-    return _build(Config, data, "", source)
+    return check_config(_build(Config, data, "", source), source)
 
 
 def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:

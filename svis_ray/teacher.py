@@ -59,7 +59,7 @@ class Teacher:
     """
 
     def __init__(self, config: dict[str, Any], num_classes: int, store_name: str | None,
-                 wait_s: float = 600.0) -> None:
+                 namespace: str | None = None, wait_s: float = 600.0) -> None:
         from svis_ray.model import build_model, load_pretrained
 
         self.cfg: Config = config_from_dict(config)
@@ -69,7 +69,7 @@ class Teacher:
         self.model = build_model(self.cfg.model.preset, num_classes, **self.cfg.model.overrides)
         self.model.to(self.device).eval()
         self.version = -1
-        self.store = ray.get_actor(store_name) if store_name else None
+        self.store = ray.get_actor(store_name, namespace=namespace) if store_name else None
         if self.cfg.teacher.mode == "frozen":
             load_pretrained(self.model, self.cfg.teacher.checkpoint)
             self.version = 0

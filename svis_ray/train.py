@@ -30,7 +30,7 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from svis_ray.config import Config, config_from_dict
+from svis_ray.config import Config, check_config, config_from_dict
 from svis_ray.errors import SvisError
 
 log = logging.getLogger("svis_ray")
@@ -162,7 +162,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if ema is not None:
         ema.to(device).eval().requires_grad_(False)
 
-    store = ray.get_actor(store_name) if (store_name and rank == 0) else None
+    store = ray.get_actor(store_name, namespace=loop_config["namespace"]) if (store_name and rank == 0) else None
 
     def publish() -> None:
         state = {k: v.detach().to("cpu", copy=True) for k, v in ema.state_dict().items()}
@@ -319,7 +319,8 @@ def _read_progress(out_dir: str) -> int:
         return 0
 
 
-def make_dataset_factory(cfg: Config, world_size: int, num_classes: int, store_name: str | None):
+def make_dataset_factory(cfg: Config, world_size: int, num_classes: int, store_name: str | None,
+                         namespace: str | None):
     """A zero-arg callable building the training stream; Train calls it at every worker-group
     start, so a restart rebuilds the pipeline from the last checkpointed step."""
     from svis_ray.data.ingest import DecodeConfig, clip_rows, decode_clip, load_split
@@ -341,12 +342,19 @@ def make_dataset_factory(cfg: Config, world_size: int, num_classes: int, store_n
         if cfg.teacher.mode != "online":
             ds = ds.map_batches(Teacher, batch_size=cfg.teacher.batch_size, batch_format="numpy",
                                 fn_constructor_kwargs={"config": cfg_dict, "num_classes": num_classes,
-                                                       "store_name": store_name},
+                                                       "store_name": store_name, "namespace": namespace},
                                 num_gpus=cfg.teacher.gpus_per_teacher, num_cpus=0,
                                 compute=ray.data.ActorPoolStrategy(size=cfg.teacher.num_teachers))
         return ds
 
     return factory
+
+
+def ingest_options(cfg: Config) -> "ray.data.ExecutionOptions":
+    """Train's default ingest options with the stream's object-store budget capped."""
+    opts = ray.train.DataConfig.default_ingest_options()
+    opts.resource_limits = opts.resource_limits.copy(object_store_memory=cfg.teacher.max_buffer_mb * 1024**2)
+    return opts
 
 
 def _ray_init() -> None:
@@ -378,19 +386,21 @@ def run_training(cfg: Config, callbacks: list[UserCallback] | None = None) -> di
     from svis_ray.data.ingest import load_split
     from svis_ray.teacher import WeightStore
 
+    check_config(cfg)
     out = run_dir(cfg)
-    if cfg.teacher.mode == "frozen" and not cfg.teacher.checkpoint:
-        raise SvisError("config: teacher.mode=frozen needs teacher.checkpoint")
     train = load_split(cfg.data.root, cfg.data.train_json)
     if cfg.data.val_json:
         load_split(cfg.data.root, cfg.data.val_json)  # fail now, not after an hour of training
     class_names = list(train.class_names)
     _ray_init()
     world = cfg.train.num_workers
-    store_name = None
+    store_name, store = None, None
     if cfg.teacher.mode != "online":
+        # Named in the driver's namespace; the handle below keeps it alive until fit() returns.
         store_name = f"svis_weights_{out.name}_{abs(hash(str(out))) % 10**8}"
-        WeightStore.options(name=store_name, get_if_exists=True).remote()
+        store = WeightStore.options(name=store_name, namespace=ray.get_runtime_context().namespace,
+                                    get_if_exists=True).remote()
+    namespace = ray.get_runtime_context().namespace
     out.mkdir(parents=True, exist_ok=True)
     from svis_ray.config import save_config
 
@@ -402,6 +412,7 @@ def run_training(cfg: Config, callbacks: list[UserCallback] | None = None) -> di
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "class_names": class_names, "store_name": store_name,
+                           "namespace": namespace,
                            "eval_ema": cfg.teacher.mode == "ema"},
         scaling_config=ScalingConfig(num_workers=world, use_gpu=use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu and torch.cuda.is_available() else "gloo"),
@@ -413,10 +424,12 @@ def run_training(cfg: Config, callbacks: list[UserCallback] | None = None) -> di
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=[MetricsLogger(str(out), cfg.train.max_steps, cfg.output.progress_bar),
                        *(callbacks or [])]),
-        datasets={"train": make_dataset_factory(cfg, world, len(class_names), store_name)},
+        datasets={"train": make_dataset_factory(cfg, world, len(class_names), store_name, namespace)},
+        dataset_config=ray.train.DataConfig(execution_options=ingest_options(cfg)),
     )
     try:
         result = trainer.fit()
+        del store
     except ray.train.TrainingFailedError as e:
         msg = user_error_in(e)
         if msg:

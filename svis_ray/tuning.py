@@ -385,9 +385,8 @@ def write_summary(rows: list[dict[str, Any]], params: list[str], sweep_dir: Path
         tmp.write_text(format_summary(rows, params) + "\n")
 
 
-def best_config(sweep: Sweep, row: dict[str, Any]) -> Config:
+def best_config(sweep: Sweep, params: dict[str, Any]) -> Config:
     """The base config with the best trial's values, training into its own fresh folder."""
-    params = {k: row[k] for k in sweep.settings.search_space}
     out = str(Path(sweep.settings.storage_path) / sweep.settings.name / "best_run")
     return trial_config(sweep.base.to_dict(), params, out)
 
@@ -414,7 +413,7 @@ def run_sweep(config_path: str, overrides: list[str]) -> dict[str, Any]:
         first = next((r["error"] for r in rows if r["error"]), "no evaluation reported")
         raise SvisError(f"{sweep.dir}: no trial reported {sweep.settings.tune.metric}; first error: {first}")
     path = sweep.dir / "best.yaml"
-    save_config(best_config(sweep, rows[0]), path)
+    save_config(best_config(sweep, {k: rows[0][k] for k in params}), path)
     print(f"sweep folder: {sweep.dir}; best trial {rows[0]['trial']} (AP {100 * rows[0]['AP']:.1f}); "
           f"train it with: svis-ray train --config {path}", flush=True)
     return {"sweep_dir": str(sweep.dir), "trials": rows, "best": rows[0], "best_config": str(path)}

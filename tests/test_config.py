@@ -20,7 +20,7 @@ def test_shipped_configs_load(name):
 
 def test_overrides_are_parsed_as_yaml_and_typed():
     cfg = load_config(ROOT / "configs" / "debug.yaml",
-                      ["train.max_steps=7", "data.min_size_train=[64, 80]", "teacher.mode=online",
+                      ["train.max_steps=7", "train.milestones=[5]", "data.min_size_train=[64, 80]", "teacher.mode=online",
                        "train.lr=1", "model.weights=null"])
     assert cfg.train.max_steps == 7
     assert cfg.data.min_size_train == [64, 80]
@@ -77,3 +77,12 @@ def test_cli_wrong_config_key_is_one_line(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().startswith("svis-ray: error:") and "max_stepz" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_cross_field_checks():
+    with pytest.raises(SvisError, match=r"train.milestones \[500\] lie beyond train.max_steps=7"):
+        load_config(ROOT / "configs" / "debug.yaml", ["train.max_steps=7"])
+    with pytest.raises(SvisError, match="teacher.mode=frozen needs teacher.checkpoint"):
+        load_config(ROOT / "configs" / "debug.yaml", ["teacher.mode=frozen"])
+    with pytest.raises(SvisError, match="train.num_workers must be >= 1"):
+        load_config(ROOT / "configs" / "debug.yaml", ["train.num_workers=0"])

@@ -32,7 +32,7 @@ def small_config(root, out, *extra):
     return load_config(ROOT / "configs" / "debug.yaml", [
         f"data.root={root}", f"output.dir={out}", "train.max_steps=6", "train.checkpoint_every=3",
         "train.eval_every=3", "train.log_every=1", "teacher.publish_every=2", "teacher.warmup_steps=0",
-        "pseudo.ramp_steps=0", "data.clips_per_step=1", "loss.num_points=1024", *extra])
+        "pseudo.ramp_steps=0", "data.clips_per_step=1", "train.milestones=[]", "loss.num_points=1024", *extra])
 
 
 def read_rows(path):
@@ -46,6 +46,7 @@ def test_debug_run_two_workers_two_teachers(ray_local, sparse_root, tmp_path):
 
     # Teachers ask for one (fake) GPU each and fall back to the CPU.
     cfg = small_config(sparse_root, tmp_path / "run", "teacher.gpus_per_teacher=1", "teacher.num_teachers=2",
+                       "teacher.max_buffer_mb=1",
                        "train.num_workers=2")
     summary = run_training(cfg)
     run = Path(summary["run_dir"])
@@ -117,7 +118,6 @@ def test_rerun_with_same_output_dir_resumes(ray_local, sparse_root, tmp_path):
                        "train.eval_every=0", "train.num_workers=1", "teacher.num_teachers=1")
     run_training(cfg)
     cfg.train.max_steps = 4
-    cfg.train.milestones = [3]
     run_training(cfg)
     steps = [int(r["step"]) for r in read_rows(tmp_path / "run" / "metrics.csv")]
     assert steps == [1, 2, 3, 4]
@@ -142,7 +142,7 @@ def test_ray_job_submit(sparse_root, tmp_path):
              "python", "jobs/train.py", "--config", "configs/debug.yaml", f"data.root={sparse_root}",
              f"output.dir={out}", "train.max_steps=2", "train.checkpoint_every=2", "train.eval_every=2",
              "train.num_workers=1", "teacher.num_teachers=1", "data.clips_per_step=1",
-             "loss.num_points=1024"],
+             "loss.num_points=1024", "train.milestones=[]"],
             env=env, capture_output=True, text=True, timeout=500)
         assert "SUCCEEDED" in r.stdout + r.stderr, r.stdout[-3000:] + r.stderr[-3000:]
         assert (out / "best.pt").exists() and (out / "metrics.json").exists()
