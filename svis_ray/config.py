@@ -33,6 +33,7 @@ class DataConfig:
     clips_per_step: int = 2  # clips per worker and step (a clip = the frames of one video)
     on_bad_frame: Literal["fail", "skip"] = "fail"
     decode_cpus: float = 0.25  # logical CPUs per decode task (small: Train holds whole CPUs)
+    decode_tasks: int = 8  # decode tasks in flight at most (each is a process; match the node's cores)
 
 
 @dataclass
@@ -87,9 +88,6 @@ class TeacherConfig:
     warmup_steps: int = 0  # pseudo-labels are ignored (weight 0) before this step
     batch_size: int = 2  # clips per teacher call
     window: int = 30  # frames per teacher forward chunk
-    # Object store the training stream may fill ahead of the student. Bounds how far teachers
-    # run ahead, i.e. how stale (old teacher version) the pseudo-labels a step trains on can be.
-    max_buffer_mb: int = 512
 
 
 @dataclass

@@ -117,8 +117,8 @@ def pseudo_label_clip(outputs: dict[str, torch.Tensor], size: tuple[int, int], l
         for f in np.flatnonzero(labelled):
             sel = gt_frame == f
             aligned = full[f][order[f]] > cfg.mask_threshold
-            gm = torch.from_numpy(np.ascontiguousarray(gt_masks[sel])).to(aligned.device).bool()
-            for q, c in anchor_queries(aligned, gm, torch.from_numpy(gt_labels[sel]), cfg.anchor_iou).items():
+            gm = torch.tensor(gt_masks[sel], device=aligned.device).bool()
+            for q, c in anchor_queries(aligned, gm, torch.tensor(gt_labels[sel]), cfg.anchor_iou).items():
                 anchors.setdefault(q, c)  # the first labelled frame wins on conflict
     result: list[FramePseudo | None] = []
     for f in range(num_frames):

@@ -59,7 +59,7 @@ class Teacher:
     """
 
     def __init__(self, config: dict[str, Any], num_classes: int, store_name: str | None,
-                 namespace: str | None = None, wait_s: float = 600.0) -> None:
+                 namespace: str | None = None, wait_s: float = 600.0, store_dir: str | None = None) -> None:
         from svis_ray.model import build_model, load_pretrained
 
         self.cfg: Config = config_from_dict(config)
@@ -69,6 +69,8 @@ class Teacher:
         self.model = build_model(self.cfg.model.preset, num_classes, **self.cfg.model.overrides)
         self.model.to(self.device).eval()
         self.version = -1
+        self.store_dir = store_dir  # pseudo.store=parquet: one Parquet file per batch, masks as RLE
+        self.parts = 0
         self.store = ray.get_actor(store_name, namespace=namespace) if store_name else None
         if self.cfg.teacher.mode == "frozen":
             load_pretrained(self.model, self.cfg.teacher.checkpoint)
@@ -91,6 +93,36 @@ class Teacher:
             return True
         return self.version >= 0
 
+    def _write_parquet(self, batch: dict[str, np.ndarray], out: dict[str, list]) -> None:
+        """Record every pseudo-label (video, frame, class, score, anchored, teacher version, RLE)."""
+        import os
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        from pycocotools import mask as mask_utils
+
+        cols: dict[str, list] = {k: [] for k in ("video_id", "frame", "label", "score", "anchored",
+                                                 "teacher_version", "height", "width", "rle")}
+        for c in range(len(batch["clip_index"])):
+            masks = out["ps_masks"][c]
+            if not len(masks):
+                continue
+            rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
+            for i, rle in enumerate(rles):
+                cols["video_id"].append(int(batch["video_id"][c]))
+                cols["frame"].append(int(batch["frame_idx"][c][out["ps_frame"][c][i]]))
+                cols["label"].append(int(out["ps_labels"][c][i]))
+                cols["score"].append(float(out["ps_scores"][c][i]))
+                cols["anchored"].append(bool(out["ps_anchored"][c][i]))
+                cols["teacher_version"].append(self.version)
+                cols["height"].append(int(masks.shape[1]))
+                cols["width"].append(int(masks.shape[2]))
+                cols["rle"].append(rle["counts"].decode("ascii"))
+        os.makedirs(self.store_dir, exist_ok=True)
+        name = f"part-{os.getpid()}-{self.parts:06d}.parquet"
+        pq.write_table(pa.table(cols), os.path.join(self.store_dir, name))
+        self.parts += 1
+
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         if self.cfg.teacher.mode == "ema":
@@ -103,7 +135,7 @@ class Teacher:
             f, h, w = image.shape[:3]
             hp, wp = pad_to_multiple(h, w)
             x = torch.zeros(f, 3, hp, wp, dtype=torch.uint8)
-            x[:, :, :h, :w] = torch.from_numpy(np.ascontiguousarray(image)).permute(0, 3, 1, 2)
+            x[:, :, :h, :w] = torch.tensor(image).permute(0, 3, 1, 2)  # copy: Ray hands read-only arrays
             frames = []
             window = max(1, self.cfg.teacher.window)
             for s in range(0, f, window):  # bounded memory on long clips
@@ -128,6 +160,8 @@ class Teacher:
             out["ps_anchored"].append(np.concatenate(anchored) if anchored else np.zeros(0, bool))
             out["ps_candidates"].append(cands)
         n = len(batch["clip_index"])
+        if self.store_dir:
+            self._write_parquet(batch, out)
         result = dict(batch)
         result.update(out)
         result["ps_candidates"] = np.asarray(out["ps_candidates"], np.int64)

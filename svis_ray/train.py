@@ -110,7 +110,8 @@ class _Window:
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Runs on every ``TorchTrainer`` worker."""
-    from svis_ray.data.ingest import ClipCollate, load_split
+    from svis_ray.data.collate import ClipCollate
+    from svis_ray.data.ingest import load_split
     from svis_ray.inference import evaluate_split
     from svis_ray.losses import SetCriterion
     from svis_ray.matcher import HungarianMatcher
@@ -328,6 +329,8 @@ def make_dataset_factory(cfg: Config, world_size: int, num_classes: int, store_n
 
     out_dir = str(run_dir(cfg))
     cfg_dict = cfg.to_dict()
+    # Masks in training resolution, as RLE; the frame index is the video's.
+    store_dir = os.path.join(out_dir, "pseudo_labels") if cfg.pseudo.store == "parquet" else None
 
     def factory():
         train = load_split(cfg.data.root, cfg.data.train_json)
@@ -337,24 +340,20 @@ def make_dataset_factory(cfg: Config, world_size: int, num_classes: int, store_n
                          cfg.train.seed, first_clip=first)
         dcfg = DecodeConfig(tuple(cfg.data.min_size_train), cfg.data.max_size_train, cfg.data.flip,
                             cfg.data.on_bad_frame, cfg.train.seed)
-        ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 8 * world_size)))
-        ds = ds.map(decode_clip, fn_kwargs={"cfg": dcfg}, num_cpus=cfg.data.decode_cpus)
+        # One block per step: blocks stay small and arrive roughly in step order.
+        ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // per_step))
+        ds = ds.map(decode_clip, fn_kwargs={"cfg": dcfg}, num_cpus=cfg.data.decode_cpus,
+                    compute=ray.data.TaskPoolStrategy(size=cfg.data.decode_tasks))
         if cfg.teacher.mode != "online":
             ds = ds.map_batches(Teacher, batch_size=cfg.teacher.batch_size, batch_format="numpy",
                                 fn_constructor_kwargs={"config": cfg_dict, "num_classes": num_classes,
-                                                       "store_name": store_name, "namespace": namespace},
+                                                       "store_name": store_name, "namespace": namespace,
+                                                       "store_dir": store_dir},
                                 num_gpus=cfg.teacher.gpus_per_teacher, num_cpus=0,
                                 compute=ray.data.ActorPoolStrategy(size=cfg.teacher.num_teachers))
         return ds
 
     return factory
-
-
-def ingest_options(cfg: Config) -> "ray.data.ExecutionOptions":
-    """Train's default ingest options with the stream's object-store budget capped."""
-    opts = ray.train.DataConfig.default_ingest_options()
-    opts.resource_limits = opts.resource_limits.copy(object_store_memory=cfg.teacher.max_buffer_mb * 1024**2)
-    return opts
 
 
 def _ray_init() -> None:
@@ -425,7 +424,6 @@ def run_training(cfg: Config, callbacks: list[UserCallback] | None = None) -> di
             callbacks=[MetricsLogger(str(out), cfg.train.max_steps, cfg.output.progress_bar),
                        *(callbacks or [])]),
         datasets={"train": make_dataset_factory(cfg, world, len(class_names), store_name, namespace)},
-        dataset_config=ray.train.DataConfig(execution_options=ingest_options(cfg)),
     )
     try:
         result = trainer.fit()

@@ -18,11 +18,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow.fs
-import torch
 from pycocotools import mask as mask_utils
-from ray.data.collate_fn import NumpyBatchCollateFn
 
-from svis_ray.data.transforms import pad_to_multiple, resize_image, resize_masks, resized_shape
+from svis_ray.data.transforms import resize_image, resize_masks, resized_shape
 from svis_ray.data.ytvis import YTVIS, decode_frame
 from svis_ray.errors import SvisError
 
@@ -171,57 +169,3 @@ def decode_clip(row: dict[str, Any], cfg: DecodeConfig) -> dict[str, Any]:
         "gt_labels": np.asarray(labels, np.int64),
         "bad_frames": bad,
     }
-
-
-# ----------------------------------------------------------------------------- collate
-class ClipCollate(NumpyBatchCollateFn):
-    """Numpy batch of clips -> (images uint8 [N,3,H,W] padded to /32, per-frame targets, stats).
-
-    Ragged columns (frame sizes, instance counts) arrive as object arrays of per-clip arrays and
-    are unpacked here, frame by frame, into plain tensors. Each target dict holds
-    ``labels`` int64 [n], ``masks`` uint8 [n,H,W], ``pseudo`` (bool: targets come from a teacher
-    or, with ``labels=None``, must be made by the student itself), ``scores``/``anchored`` for
-    pseudo-labels, and ``video_id``/``frame`` for logging.
-    """
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, list[dict], dict[str, float]]:
-        has_pseudo = "ps_masks" in batch
-        frames, targets = [], []
-        stats = {"bad_frames": float(np.sum(batch["bad_frames"])), "clips": float(len(batch["clip_index"]))}
-        if has_pseudo:
-            stats["teacher_version_min"] = float(np.min(batch["teacher_version"]))
-            stats["pseudo_candidates"] = float(np.sum(batch["ps_candidates"]))
-            stats["teacher_time_min"] = float(np.min(batch["teacher_time"]))
-            stats["teacher_time_max"] = float(np.max(batch["teacher_time"]))
-        for c in range(len(batch["clip_index"])):
-            image = batch["image"][c]
-            for f in range(image.shape[0]):
-                frames.append(image[f])
-                if batch["labelled"][c][f]:
-                    sel = batch["gt_frame"][c] == f
-                    targets.append({"labels": batch["gt_labels"][c][sel], "masks": batch["gt_masks"][c][sel],
-                                    "pseudo": False})
-                elif has_pseudo:
-                    sel = batch["ps_frame"][c] == f
-                    targets.append({"labels": batch["ps_labels"][c][sel], "masks": batch["ps_masks"][c][sel],
-                                    "scores": batch["ps_scores"][c][sel],
-                                    "anchored": batch["ps_anchored"][c][sel], "pseudo": True,
-                                    "teacher_version": int(batch["teacher_version"][c])})
-                else:
-                    targets.append({"labels": None, "masks": None, "pseudo": True})
-                targets[-1]["video_id"] = int(batch["video_id"][c])
-                targets[-1]["frame"] = int(batch["frame_idx"][c][f])
-        if not frames:
-            return torch.zeros(0, 3, 32, 32, dtype=torch.uint8), [], stats
-        hp, wp = pad_to_multiple(max(f.shape[0] for f in frames), max(f.shape[1] for f in frames))
-        images = torch.zeros(len(frames), 3, hp, wp, dtype=torch.uint8)
-        for i, (img, tgt) in enumerate(zip(frames, targets)):
-            h, w = img.shape[:2]
-            images[i, :, :h, :w] = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
-            if tgt["labels"] is not None:
-                padded = torch.zeros(len(tgt["labels"]), hp, wp, dtype=torch.uint8)
-                padded[:, :h, :w] = torch.from_numpy(np.ascontiguousarray(tgt["masks"]))
-                tgt["masks"] = padded
-                tgt["labels"] = torch.from_numpy(np.asarray(tgt["labels"], np.int64))
-            tgt["size"] = (h, w)
-        return images, targets, stats
