@@ -81,6 +81,26 @@ def cmd_demo(a: argparse.Namespace) -> None:
     run_demo(a.out, a.overrides)
 
 
+def cmd_predict(a: argparse.Namespace) -> None:
+    from svis_ray.predict import predict
+
+    s = predict(a.checkpoint, a.input, a.out, frame_root=a.frame_root, zip_results=a.zip, render=a.render,
+                num_actors=a.actors, gpus_per_actor=a.gpus_per_actor, min_size=a.min_size, max_size=a.max_size,
+                window=a.window, topk=a.topk, fps=a.fps, render_min_score=a.min_score)
+    where = "in this process" if s["in_process"] else "on Ray"
+    print(f"{s['input']}: {s['videos']} videos, {s['frames']} frames in {s['seconds']:.1f} s "
+          f"({s['frames_per_s']:.1f} frames/s, {where}), {s['tracks']} tracks "
+          f"({s['confident_tracks']} with score >= {a.min_score})")
+    for path in s["outputs"]:
+        print(f"wrote {path}")
+
+
+def cmd_tune(a: argparse.Namespace) -> None:
+    from svis_ray.tuning import run_sweep
+
+    run_sweep(a.config, a.overrides)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="svis-ray", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -131,6 +151,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="demo", help="folder for the demo data and run")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides on configs/debug.yaml")
     s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("tune", help="Ray Tune sweep over pseudo-label thresholds and loss weights")
+    s.add_argument("--config", required=True, help="sweep YAML, e.g. configs/tune_debug.yaml")
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the sweep or its base config")
+    s.set_defaults(func=cmd_tune)
+
+    s = sub.add_parser("predict", help="predict tracks for a YTVIS split, a frame folder or a video file")
+    s.add_argument("input", help="YTVIS JSON (e.g. valid.json), a folder of frames, or a video file")
+    s.add_argument("--checkpoint", required=True, help="svis-ray checkpoint (best.pt of a training run)")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--frame-root", default=None, help="dataset folder holding JPEGImages/ (default: the JSON's)")
+    s.add_argument("--zip", action="store_true", help="also write submission.zip (results.json only)")
+    s.add_argument("--render", action="store_true", help="write overlay videos (<name>.overlay.mp4)")
+    s.add_argument("--actors", type=int, default=1, help="predictor actors (YTVIS JSON input)")
+    s.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor, e.g. 1 or 0.5")
+    s.add_argument("--min-size", type=int, default=None, help="inference short side (default: training's or 360)")
+    s.add_argument("--max-size", type=int, default=None, help="inference long-side cap (default: training's or 1333)")
+    s.add_argument("--window", type=int, default=30, help="frames per model forward")
+    s.add_argument("--topk", type=int, default=10, help="tracks kept per video")
+    s.add_argument("--fps", type=float, default=None, help="frame rate of rendered frame folders (default 6)")
+    s.add_argument("--min-score", type=float, default=0.3, help="tracks drawn and counted as confident")
+    s.set_defaults(func=cmd_predict)
 
     return p
 

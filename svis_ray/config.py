@@ -88,6 +88,9 @@ class TeacherConfig:
     warmup_steps: int = 0  # pseudo-labels are ignored (weight 0) before this step
     batch_size: int = 2  # clips per teacher call
     window: int = 30  # frames per teacher forward chunk
+    # Object store the training stream may fill ahead of the student: bounds memory and how far
+    # fast teachers run ahead with old weights (the teacher_lag metric).
+    max_buffer_mb: int = 1024
 
 
 @dataclass

@@ -6,13 +6,11 @@ the predicted tracks in the run folder.
 """
 from __future__ import annotations
 
-import colorsys
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
-from pycocotools import mask as mask_utils
 
 from svis_ray.config import load_config
 from svis_ray.data.demo import make_demo_data
@@ -20,13 +18,9 @@ from svis_ray.data.sparsify import sparsify
 from svis_ray.data.ytvis import YTVIS, decode_frame
 from svis_ray.eval import format_table
 from svis_ray.io import atomic_path, read_json
+from svis_ray.predict import draw_tracks
 
 DEBUG_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "debug.yaml"
-
-
-def colour(i: int) -> tuple[int, int, int]:
-    r, g, b = colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.85, 1.0)
-    return int(255 * r), int(255 * g), int(255 * b)
 
 
 def render_tracks(root: Path, split: YTVIS, results: list[dict[str, Any]], out_png: Path,
@@ -40,26 +34,9 @@ def render_tracks(root: Path, split: YTVIS, results: list[dict[str, Any]], out_p
         picks = np.linspace(0, video["length"] - 1, min(max_frames, video["length"])).round().astype(int)
         tiles = []
         for t in picks:
-            img = decode_frame(str(root / "JPEGImages" / video["file_names"][t])).astype(np.float32)
-            labels = []
-            for k, r in enumerate(tracks):
-                rle = r["segmentations"][t]
-                if not rle:
-                    continue
-                m = mask_utils.decode(rle).astype(bool)
-                if not m.any():
-                    continue
-                img[m] = 0.45 * img[m] + 0.55 * np.array(colour(k), np.float32)
-                ys, xs = np.nonzero(m)
-                name = split.class_names[split.cat_to_idx[r["category_id"]]]
-                labels.append((int(xs.mean()), int(ys.mean()), f"#{k} {name} {r['score']:.2f}", colour(k)))
-            tile = cv2.resize(img.clip(0, 255).astype(np.uint8), None, fx=2, fy=2,
-                              interpolation=cv2.INTER_NEAREST)
-            for x, y, text, c in labels:
-                cv2.putText(tile, text, (max(0, 2 * x - 30), 2 * y), cv2.FONT_HERSHEY_SIMPLEX, 0.35,
-                            (255, 255, 255), 2, cv2.LINE_AA)
-                cv2.putText(tile, text, (max(0, 2 * x - 30), 2 * y), cv2.FONT_HERSHEY_SIMPLEX, 0.35, c, 1,
-                            cv2.LINE_AA)
+            img = decode_frame(str(root / "JPEGImages" / video["file_names"][t]))
+            tile = draw_tracks(img, [(k, split.class_names[split.cat_to_idx[r["category_id"]]], r["score"],
+                                      r["segmentations"][t]) for k, r in enumerate(tracks)], scale=2)
             cv2.putText(tile, f"v{video['id']} t={t}", (4, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255),
                         1, cv2.LINE_AA)
             tiles.append(tile)

@@ -178,7 +178,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     last_metrics: dict[str, Any] = {}
     shard = ray.train.get_dataset_shard("train")
     batches = shard.iter_torch_batches(batch_size=cfg.data.clips_per_step, collate_fn=ClipCollate(),
-                                       prefetch_batches=2)
+                                       prefetch_batches=1)
     for images, targets, stats in batches:
         if step >= cfg.train.max_steps:
             break
@@ -249,7 +249,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                         json.dump({**val_metrics, "step": step}, f, indent=1)
                 metrics["val_AP"] = metrics.get("val_AP", best_ap)
                 save_checkpoint(os.path.join(d, "model.pt"), model, class_names,
-                                extra={"step": step, "val_AP": metrics["val_AP"]})
+                                extra={"step": step, "val_AP": metrics["val_AP"],
+                                       "min_size_test": cfg.data.min_size_test,
+                                       "max_size_test": cfg.data.max_size_test})
                 torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                             "step": step, "best_ap": best_ap,
                             "ema": ema.state_dict() if ema is not None else None},
@@ -356,7 +358,14 @@ def make_dataset_factory(cfg: Config, world_size: int, num_classes: int, store_n
     return factory
 
 
-def _ray_init() -> None:
+def ingest_options(cfg: Config) -> "ray.data.ExecutionOptions":
+    """Train's default ingest options with the stream's object-store budget capped."""
+    opts = ray.train.DataConfig.default_ingest_options()
+    opts.resource_limits = opts.resource_limits.copy(object_store_memory=cfg.teacher.max_buffer_mb * 1024**2)
+    return opts
+
+
+def ray_init() -> None:
     """Join the cluster in RAY_ADDRESS (``ray job submit``), else start a local Ray."""
     if ray.is_initialized():
         return
@@ -391,7 +400,7 @@ def run_training(cfg: Config, callbacks: list[UserCallback] | None = None) -> di
     if cfg.data.val_json:
         load_split(cfg.data.root, cfg.data.val_json)  # fail now, not after an hour of training
     class_names = list(train.class_names)
-    _ray_init()
+    ray_init()
     world = cfg.train.num_workers
     store_name, store = None, None
     if cfg.teacher.mode != "online":
@@ -424,6 +433,7 @@ def run_training(cfg: Config, callbacks: list[UserCallback] | None = None) -> di
             callbacks=[MetricsLogger(str(out), cfg.train.max_steps, cfg.output.progress_bar),
                        *(callbacks or [])]),
         datasets={"train": make_dataset_factory(cfg, world, len(class_names), store_name, namespace)},
+        dataset_config=ray.train.DataConfig(execution_options=ingest_options(cfg)),
     )
     try:
         result = trainer.fit()

@@ -75,6 +75,12 @@ class Sweep:
         return Path(self.settings.storage_path).expanduser().resolve() / self.settings.name
 
     @property
+    def num_trials(self) -> int:
+        """Trials in the whole sweep: every sample runs each point of the grid."""
+        grids = [len(spec["grid"]) for spec in self.settings.search_space.values() if "grid" in spec]
+        return self.settings.tune.num_samples * math.prod(grids)
+
+    @property
     def max_t(self) -> int:
         return self.settings.tune.max_t or self.base.train.max_steps
 
@@ -311,9 +317,11 @@ def build_tuner(sweep: Sweep):
         tune_config=tune.TuneConfig(
             metric=t.metric, mode=t.mode, num_samples=t.num_samples,
             search_alg=_search_algorithm(sweep, concurrency),
-            # time_attr "step": rungs are training steps, whatever the report frequency
+            # time_attr "step": rungs are training steps, whatever the report frequency.
+            # stop_last_trials=False: a trial that reaches max_t ends by itself, so run_training
+            # still writes its best.pt and metrics.json instead of being killed at its last report.
             scheduler=ASHAScheduler(time_attr="step", max_t=sweep.max_t, grace_period=t.grace_period,
-                                    reduction_factor=t.reduction_factor)),
+                                    reduction_factor=t.reduction_factor, stop_last_trials=False)),
         run_config=tune.RunConfig(name=sweep.settings.name, storage_path=str(sweep.dir.parent),
                                   failure_config=tune.FailureConfig(max_failures=t.max_failures),
                                   verbose=1),
@@ -397,15 +405,15 @@ def run_sweep(config_path: str, overrides: list[str]) -> dict[str, Any]:
 
     Returns ``{"sweep_dir", "trials": rows (best first), "best": row, "best_config": path}``.
     """
-    from svis_ray.train import _ray_init
+    from svis_ray.train import ray_init
 
     sweep = load_sweep(config_path, overrides)
-    _ray_init()
+    ray_init()
     results = build_tuner(sweep).fit()
     params = list(sweep.settings.search_space)
     rows = summarize(results, sweep)
     print(format_summary(rows, params), flush=True)
-    if results.num_terminated + results.num_errors < len(results):
+    if results.num_terminated + results.num_errors < sweep.num_trials:  # Ctrl+C ends fit() early
         print(f"sweep interrupted; run the same command again to resume it from {sweep.dir}", flush=True)
         raise KeyboardInterrupt
     write_summary(rows, params, sweep.dir)

@@ -1,7 +1,6 @@
 """Sweeps: the sweep YAML's validation and search space (no Ray), then real CPU sweeps with
 configs/tune_debug.yaml: ASHA stopping, the summary and best.yaml, and resuming an interrupted sweep."""
 import csv
-import os
 import signal
 import subprocess
 import sys
@@ -11,11 +10,10 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
 from svis_ray.config import load_config
 from svis_ray.errors import SvisError
-from svis_ray.tuning import (Sweep, best_config, default_concurrency, format_summary, load_sweep, param_space,
+from svis_ray.tuning import (best_config, default_concurrency, format_summary, load_sweep, param_space,
                              summarize, trial_config, with_absolute_paths)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -196,30 +194,13 @@ def test_summary_ranks_by_best_evaluation_and_names_early_stops(tmp_path):
 
 # ----------------------------------------------------------------------------- real sweeps (Ray)
 @pytest.fixture(scope="module")
-def ray_local():
-    """One local Ray for this module (the lead's session fixture in conftest.py replaces it)."""
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(address="local", num_cpus=8, num_gpus=2, object_store_memory=400 * 1024**2, include_dashboard=True)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def sweep_data(tmp_path_factory):
-    """Demo data with its 1-labelled-frame training subset."""
-    from svis_ray.data.demo import make_demo_data
+def sweep_data(demo_root):
+    """The session demo data with its 1-labelled-frame training subset."""
     from svis_ray.data.sparsify import sparsify
 
-    root = tmp_path_factory.mktemp("demo_data")
-    make_demo_data(str(root))
-    sparsify(str(root / "train.json"), str(root / "train_1frame.json"), frames_per_video=1, strategy="middle",
-             seed=0)
-    return root
+    sparsify(str(demo_root / "train.json"), str(demo_root / "train_1frame.json"), frames_per_video=1,
+             strategy="middle", seed=0)
+    return demo_root
 
 
 def read_csv(path):

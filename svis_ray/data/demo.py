@@ -28,8 +28,8 @@ from pycocotools import mask as mask_utils
 from svis_ray.errors import SvisError
 from svis_ray.io import write_json
 
-DEFAULT_VIDEOS = 32
-DEFAULT_VAL_VIDEOS = 8
+DEFAULT_VIDEOS = 96
+DEFAULT_VAL_VIDEOS = 16
 DEFAULT_FRAMES = 12
 DEFAULT_SIZE = (96, 128)  # H x W
 JPEG_QUALITY = 90
@@ -203,7 +203,7 @@ def _is_demo(out: Path) -> bool:
 def make_demo_data(out: str | os.PathLike, videos: int | None = None, frames: int | None = None,
                    size: tuple[int, int] | None = None, seed: int = 0, val_videos: int | None = None
                    ) -> dict[str, Any]:
-    """Write the demo dataset to ``out`` (defaults: 32 train + 8 val videos of 12 frames, 96x128).
+    """Write the demo dataset to ``out`` (defaults: 96 train + 16 val videos of 12 frames, 96x128).
 
     ``out`` must be empty, missing, or hold a previous demo dataset, whose ``JPEGImages/``,
     ``train.json`` and ``val.json`` are then replaced (other files there are left alone).

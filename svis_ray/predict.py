@@ -1,0 +1,402 @@
+"""``svis-ray predict``: a trained checkpoint -> tracks for a YTVIS split, a frame folder or a video file.
+
+A YTVIS JSON (e.g. the valid/test split, no annotations needed) runs as Ray Data batch inference:
+one row per video through an actor pool of ``Predictor``s, each loading the checkpoint once and
+tracking one video per call with the windowed MinVIS tracker, so a long video never sits in
+memory whole. A single frame folder or video file runs in this process. Outputs (all written
+atomically) go to ``out_dir``: ``results.json`` (YouTube-VIS / CodaLab format), optionally
+``submission.zip``, ``<name>.tracks.json`` for a folder or file, and overlay videos with ``render``.
+"""
+from __future__ import annotations
+
+import argparse
+import colorsys
+import json
+import os
+import re
+import time
+import zipfile
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import cv2
+import numpy as np
+import ray
+import torch
+from pycocotools import mask as mask_utils
+
+from svis_ray.data.ingest import read_bytes, resolve
+from svis_ray.data.transforms import resize_image, resized_shape
+from svis_ray.data.ytvis import YTVIS, decode_frame
+from svis_ray.errors import SvisError
+from svis_ray.eval import write_results
+from svis_ray.inference import video_frames
+from svis_ray.io import atomic_path, write_json
+from svis_ray.model import load_checkpoint
+from svis_ray.teacher import teacher_device
+from svis_ray.tracking import track_video, tracks_to_results
+
+VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+DEFAULT_MIN_SIZE, DEFAULT_MAX_SIZE = 360, 1333  # the training config's test sizes by default
+DEFAULT_FPS = 6.0  # YouTube-VIS frames are sampled at 6 fps
+
+
+# ----------------------------------------------------------------------------- drawing
+def colour(i: int) -> tuple[int, int, int]:
+    """A distinct RGB colour per track id (golden-ratio hue steps)."""
+    r, g, b = colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.85, 1.0)
+    return int(255 * r), int(255 * g), int(255 * b)
+
+
+def draw_tracks(img: np.ndarray, tracks: Iterable[tuple[int, str, float, dict | None]],
+                scale: int = 1) -> np.ndarray:
+    """``img`` (uint8 RGB) with each track's mask blended in its colour and ``#id class score`` at the
+    mask's centre. tracks: (id, class name, score, this frame's RLE or None). ``scale`` enlarges the
+    frame (nearest) before the text is drawn, so labels on small frames stay legible."""
+    out = img.astype(np.float32)
+    labels = []
+    for k, name, score, rle in tracks:
+        m = mask_utils.decode(rle).astype(bool) if rle else None
+        if m is None or not m.any():
+            continue
+        out[m] = 0.45 * out[m] + 0.55 * np.array(colour(k), np.float32)
+        ys, xs = np.nonzero(m)
+        labels.append((scale * int(xs.mean()), scale * int(ys.mean()), f"#{k} {name} {score:.2f}", colour(k)))
+    out8 = out.clip(0, 255).astype(np.uint8)
+    if scale != 1:
+        out8 = cv2.resize(out8, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+    font = max(0.35, out8.shape[1] / 1200)
+    thick = max(1, round(font * 1.5))
+    for x, y, text, c in labels:
+        (tw, _), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font, thick)
+        org = (max(0, x - tw // 2), y)
+        cv2.putText(out8, text, org, cv2.FONT_HERSHEY_SIMPLEX, font, (255, 255, 255), thick + 1, cv2.LINE_AA)
+        cv2.putText(out8, text, org, cv2.FONT_HERSHEY_SIMPLEX, font, c, thick, cv2.LINE_AA)
+    return out8
+
+
+def render_video(frames: Iterable[np.ndarray], tracks: list[dict[str, Any]], out: Path, fps: float,
+                 min_score: float) -> int:
+    """Write an mp4 of ``frames`` (original size, RGB) with the tracks drawn; returns the frame count.
+
+    tracks: ``{"id", "class", "score", "segmentations": [RLE or None per frame]}``.
+    """
+    shown = [t for t in tracks if t["score"] >= min_score]
+    n = 0
+    with atomic_path(out) as tmp:
+        # VideoWriter picks the container from the file extension, so the temp file needs ".mp4".
+        staging = tmp.with_name(tmp.name + ".mp4")
+        writer = None
+        try:
+            for t, img in enumerate(frames):
+                if writer is None:
+                    size = (img.shape[1], img.shape[0])
+                    writer = cv2.VideoWriter(str(staging), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+                    if not writer.isOpened():
+                        raise SvisError(f"{out}: cannot write an mp4 video (OpenCV has no mp4v encoder?)")
+                drawn = draw_tracks(img, [(k["id"], k["class"], k["score"], k["segmentations"][t]) for k in shown])
+                writer.write(cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
+                n += 1
+            if writer is not None:
+                writer.release()
+                writer = None
+                os.replace(staging, tmp)
+        finally:
+            if writer is not None:
+                writer.release()
+            staging.unlink(missing_ok=True)
+    return n
+
+
+# ----------------------------------------------------------------------------- inputs
+def _natural_key(p: Path) -> list[Any]:
+    # frame_2 before frame_10, whatever the zero-padding
+    return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", p.name)]
+
+
+@dataclass
+class Clip:
+    """One video given as a folder of frame images or a video file (original size ``height x width``)."""
+
+    path: Path
+    height: int
+    width: int
+    fps: float
+
+    def frames(self) -> Iterator[np.ndarray]:
+        """Decode the frames lazily, uint8 RGB at the original size."""
+        if self.path.is_dir():
+            for p in _frame_files(self.path):
+                img = decode_frame(p)
+                if img.shape[:2] != (self.height, self.width):
+                    raise SvisError(f"{self.path}: frames differ in size: the first is {self.height}x{self.width}, "
+                                    f"{p.name} is {img.shape[0]}x{img.shape[1]}")
+                yield img
+            return
+        cap = _open_video(self.path)
+        try:
+            while True:
+                ok, bgr = cap.read()
+                if not ok:
+                    return
+                yield cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        finally:
+            cap.release()
+
+
+def _frame_files(folder: Path) -> list[Path]:
+    files = sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS), key=_natural_key)
+    if not files:
+        raise SvisError(f"{folder}: no frame images ({', '.join(IMAGE_EXTS)}) in the folder")
+    return files
+
+
+def _open_video(path: Path) -> cv2.VideoCapture:
+    # FFmpeg reads this once, when OpenCV first uses it: keep its own messages off stderr, since
+    # an unreadable file becomes one SvisError line instead.
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+    cap = cv2.VideoCapture(str(path))
+    if not cap.isOpened():
+        raise SvisError(f"{path}: cannot open the video file (unreadable, empty or unsupported codec)")
+    return cap
+
+
+def open_clip(path: Path, fps: float | None) -> Clip:
+    """Probe a frame folder or video file (size from its first frame); ``SvisError`` if it has no frames."""
+    if path.is_dir():
+        first = decode_frame(_frame_files(path)[0])
+        return Clip(path, first.shape[0], first.shape[1], fps or DEFAULT_FPS)
+    cap = _open_video(path)
+    try:
+        ok, bgr = cap.read()
+        rate = cap.get(cv2.CAP_PROP_FPS)
+    finally:
+        cap.release()
+    if not ok:
+        raise SvisError(f"{path}: the video file has no decodable frames")
+    return Clip(path, bgr.shape[0], bgr.shape[1], rate if rate > 0 else fps or DEFAULT_FPS)
+
+
+def _inference_size(info: dict[str, Any], min_size: int | None, max_size: int | None) -> tuple[int, int]:
+    """Arguments first, then the sizes the training run stored in the checkpoint, then MinVIS' defaults."""
+    extra = info.get("extra", {})
+    short = min_size or int(extra.get("min_size_test", DEFAULT_MIN_SIZE))
+    longest = max_size or int(extra.get("max_size_test", DEFAULT_MAX_SIZE))
+    return short, max(short, longest)
+
+
+def _check_classes(checkpoint: Path, info: dict[str, Any], split: YTVIS) -> None:
+    if info["class_names"] != split.class_names:
+        raise SvisError(f"{checkpoint}: checkpoint classes {info['class_names']} do not match the categories "
+                        f"of {split.source} {split.class_names}")
+
+
+# ----------------------------------------------------------------------------- Ray Data actor
+class Predictor:
+    """Ray Data actor for ``map_batches``: loads the checkpoint once, then tracks one video per row.
+
+    Input columns ``index``, ``video_id``; output ``index``, ``records`` (JSON list of results.json
+    records), ``frames``, ``seconds`` and ``error`` (an SvisError message, "" if none), so the
+    driver can report a bad frame as one line instead of a Ray traceback.
+    """
+
+    def __init__(self, checkpoint: str, split: YTVIS, root: str, min_size: int, max_size: int,
+                 window: int, topk: int):
+        self.device = teacher_device()
+        self.model, _ = load_checkpoint(checkpoint, self.device)
+        self.split, self.root = split, root
+        self.min_size, self.max_size, self.window, self.topk = min_size, max_size, window, topk
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out: dict[str, list[Any]] = {"index": [], "records": [], "frames": [], "seconds": [], "error": []}
+        for index, video_id in zip(batch["index"], batch["video_id"]):
+            start = time.perf_counter()
+            video = self.split.video(int(video_id))
+            frames = video_frames(self.split, video, self.root, self.min_size, self.max_size)
+            try:
+                tracks = track_video(self.model, frames, window=self.window, topk=self.topk,
+                                     out_size=(video["height"], video["width"]), device=self.device)
+                records, error = tracks_to_results(tracks, video["id"], self.split.idx_to_cat), ""
+            except SvisError as e:
+                records, error = [], str(e)
+            out["index"].append(int(index))
+            out["records"].append(json.dumps(records))
+            out["frames"].append(video["length"])
+            out["seconds"].append(time.perf_counter() - start)
+            out["error"].append(error)
+        return {k: np.asarray(v) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------- predict
+def _check_args(num_actors: int, gpus_per_actor: float, window: int, topk: int, min_size: int | None,
+                max_size: int | None, fps: float | None) -> None:
+    problems = [(num_actors < 1, f"actors must be at least 1, got {num_actors}"),
+                (gpus_per_actor < 0, f"gpus per actor must be >= 0, got {gpus_per_actor}"),
+                (window < 1, f"window must be at least 1 frame, got {window}"),
+                (topk < 1, f"topk must be at least 1, got {topk}"),
+                (min_size is not None and min_size < 1, f"min size must be positive, got {min_size}"),
+                (max_size is not None and max_size < 1, f"max size must be positive, got {max_size}"),
+                (fps is not None and fps <= 0, f"fps must be positive, got {fps}")]
+    for bad, msg in problems:
+        if bad:
+            raise SvisError(f"predict: {msg}")
+
+
+def _track_list(records: list[dict[str, Any]], name_of: Callable[[int], str]) -> list[dict[str, Any]]:
+    """results.json records of one video -> tracks with id (rank, best first), class name, score, RLEs."""
+    return [{"id": k, "class": name_of(r["category_id"]), "category_id": r["category_id"], "score": r["score"],
+             "segmentations": r["segmentations"]} for k, r in enumerate(records)]
+
+
+@dataclass
+class _Run:
+    """What one input produced: the summary so far, all results.json records, and per output name the
+    video's original frames (re-decoded for rendering) with its tracks."""
+
+    summary: dict[str, Any]
+    records: list[dict[str, Any]]
+    videos: dict[str, tuple[Callable[[], Iterator[np.ndarray]], list[dict[str, Any]]]]
+    fps: float
+
+
+def _write_zip(out_dir: Path, results: Path) -> Path:
+    path = out_dir / "submission.zip"
+    with atomic_path(path) as tmp:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+            z.write(results, arcname="results.json")  # CodaLab wants it at the archive root
+    return path
+
+
+def predict(checkpoint: str | os.PathLike, input: str | os.PathLike, out_dir: str | os.PathLike, *,
+            frame_root: str | None = None, zip_results: bool = False, render: bool = False,
+            num_actors: int = 1, gpus_per_actor: float = 0.0, min_size: int | None = None,
+            max_size: int | None = None, window: int = 30, topk: int = 10, fps: float | None = None,
+            render_min_score: float = 0.3,
+            log: Callable[[str], None] = partial(print, flush=True)) -> dict[str, Any]:
+    """Predict tracks for ``input`` (YTVIS JSON, frame folder or video file) into ``out_dir``.
+
+    ``frame_root``: dataset folder holding ``JPEGImages/`` for a JSON (default: the JSON's folder).
+    ``fps``: frame rate of rendered frame folders and splits (video files keep their own rate).
+    Prints a line per video through ``log``; returns the summary: input, videos, frames, seconds (all
+    of it), predict_seconds (tracking, with actor start-up), frames_per_s (over predict_seconds),
+    tracks, confident_tracks (score >= render_min_score), in_process, outputs (paths written).
+    """
+    _check_args(num_actors, gpus_per_actor, window, topk, min_size, max_size, fps)
+    ckpt, src, out = Path(checkpoint), Path(input), Path(out_dir)
+    if not src.exists():
+        raise SvisError(f"{src}: input not found")
+    is_json = src.is_file() and src.suffix.lower() == ".json"
+    if not (is_json or src.is_dir() or src.suffix.lower() in VIDEO_EXTS):
+        raise SvisError(f"{src}: not a YTVIS JSON, a frame folder or a video file ({', '.join(VIDEO_EXTS)})")
+    start = time.perf_counter()
+    if is_json:
+        run = _predict_split(ckpt, src, out, frame_root or str(src.parent), num_actors, gpus_per_actor,
+                             min_size, max_size, window, topk, fps, log)
+    else:
+        run = _predict_clip(ckpt, src, out, min_size, max_size, window, topk, fps, log)
+    summary, records = run.summary, run.records
+    outputs = summary["outputs"]
+    outputs.insert(0, str(out / "results.json"))
+    write_results(out / "results.json", records)
+    if zip_results:
+        outputs.append(str(_write_zip(out, out / "results.json")))
+    if render:
+        for name, (frames, tracks) in run.videos.items():
+            path = out / f"{name}.overlay.mp4"
+            render_video(frames(), tracks, path, run.fps, render_min_score)
+            outputs.append(str(path))
+    # frames/s over the prediction itself, not Ray start-up or rendering
+    busy = summary["predict_seconds"]
+    summary.update(seconds=round(time.perf_counter() - start, 3), predict_seconds=round(busy, 3),
+                   frames_per_s=round(summary["frames"] / max(busy, 1e-9), 3),
+                   tracks=len(records), confident_tracks=sum(r["score"] >= render_min_score for r in records))
+    return summary
+
+
+def _predict_split(ckpt: Path, ann: Path, out: Path, root: str, num_actors: int, gpus_per_actor: float,
+                   min_size: int | None, max_size: int | None, window: int, topk: int, fps: float | None,
+                   log: Callable[[str], None]) -> _Run:
+    from svis_ray.train import ray_init  # Ray Train is heavy; only this path needs a cluster
+
+    full = YTVIS.load(ann)
+    _, info = load_checkpoint(ckpt, "cpu")
+    _check_classes(ckpt, info, full)
+    if not full.videos:
+        raise SvisError(f"{ann}: the file lists no videos")
+    short, longest = _inference_size(info, min_size, max_size)
+    # Actors need only the videos and categories, not the (possibly large) annotations.
+    split = YTVIS({"videos": full.videos, "categories": full.categories}, source=ann)
+    root = root if "://" in root else str(Path(root).resolve())
+    ray_init()
+    rows = [{"index": i, "video_id": v["id"]} for i, v in enumerate(split.videos)]
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+        Predictor, fn_constructor_kwargs={"checkpoint": str(ckpt.resolve()), "split": split, "root": root,
+                                          "min_size": short, "max_size": longest, "window": window,
+                                          "topk": topk},
+        compute=ray.data.ActorPoolStrategy(size=num_actors), batch_size=1, num_gpus=gpus_per_actor,
+        num_cpus=0 if gpus_per_actor > 0 else 1)  # a GPU actor's CPU share would starve the decoders
+    log(f"predict: {len(rows)} videos of {ann} on {num_actors} actor(s) at short side {short} (max {longest})")
+    start = time.perf_counter()
+    by_index: dict[int, list[dict[str, Any]]] = {}
+    frames = 0
+    for row in ds.iter_rows():
+        if row["error"]:
+            raise SvisError(str(row["error"]))
+        video = split.videos[int(row["index"])]
+        records = json.loads(row["records"])
+        by_index[int(row["index"])] = records
+        frames += int(row["frames"])
+        best = f", best {records[0]['score']:.2f}" if records else ""
+        log(f"[{len(by_index)}/{len(rows)}] video {video['id']}: {row['frames']} frames in "
+            f"{row['seconds']:.1f} s, {len(records)} tracks{best}")
+    records = [r for i in range(len(rows)) for r in by_index[i]]
+
+    def name_of(cat: int) -> str:
+        return split.class_names[split.cat_to_idx[cat]]
+
+    def original_frames(video: dict[str, Any]) -> Callable[[], Iterator[np.ndarray]]:
+        return lambda: (decode_frame(read_bytes(p), source=p)
+                        for p in (resolve(root, "JPEGImages/" + n) for n in video["file_names"]))
+
+    videos = {str(v["id"]): (original_frames(v), _track_list(by_index[i], name_of))
+              for i, v in enumerate(split.videos)}
+    summary = {"input": str(ann), "videos": len(rows), "frames": frames, "in_process": False, "outputs": [],
+               "predict_seconds": time.perf_counter() - start}
+    return _Run(summary, records, videos, fps or DEFAULT_FPS)
+
+
+def _predict_clip(ckpt: Path, src: Path, out: Path, min_size: int | None, max_size: int | None, window: int,
+                  topk: int, fps: float | None, log: Callable[[str], None]) -> _Run:
+    clip = open_clip(src, fps)  # before the checkpoint: a bad input fails at once
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, info = load_checkpoint(ckpt, device)
+    short, longest = _inference_size(info, min_size, max_size)
+    shape = resized_shape(clip.height, clip.width, short, longest)
+    log(f"predict: one video ({src}), in this process on {device}, at {shape[0]}x{shape[1]}")
+    start, count = time.perf_counter(), 0
+
+    def resized() -> Iterator[np.ndarray]:
+        nonlocal count
+        for img in clip.frames():
+            count += 1
+            yield resize_image(img, shape)
+
+    tracks = track_video(model, resized(), window=window, topk=topk, out_size=(clip.height, clip.width),
+                         device=device)
+    names = info["class_names"]
+    # No dataset here: category ids are class index + 1 (YTVIS ids start at 1), the video id is 1.
+    records = tracks_to_results(tracks, 1, {i: i + 1 for i in range(len(names))})
+    track_list = _track_list(records, lambda cat: names[cat - 1])
+    best = f", best {records[0]['score']:.2f}" if records else ""
+    seconds = time.perf_counter() - start
+    log(f"[1/1] {src.name}: {count} frames in {seconds:.1f} s, {len(records)} tracks{best}")
+    name = src.name if src.is_dir() else src.stem
+    tracks_json = out / f"{name}.tracks.json"
+    write_json(tracks_json, {"input": str(src), "height": clip.height, "width": clip.width, "frames": count,
+                             "fps": clip.fps, "class_names": names, "tracks": track_list})
+    summary = {"input": str(src), "videos": 1, "frames": count, "in_process": True, "outputs": [str(tracks_json)],
+               "predict_seconds": seconds}
+    return _Run(summary, records, {name: (clip.frames, track_list)}, clip.fps)
