@@ -95,6 +95,13 @@ def cmd_predict(a: argparse.Namespace) -> None:
         print(f"wrote {path}")
 
 
+def cmd_benchmark(a: argparse.Namespace) -> None:
+    from svis_ray.benchmark import run
+
+    if run(a.out, a.seeds, a.overrides) != 0:
+        raise SvisError(f"{a.out}/accuracy.json: benchmark goals missed (see the table above)")
+
+
 def cmd_tune(a: argparse.Namespace) -> None:
     from svis_ray.tuning import run_sweep
 
@@ -156,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True, help="sweep YAML, e.g. configs/tune_debug.yaml")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the sweep or its base config")
     s.set_defaults(func=cmd_tune)
+
+    s = sub.add_parser("benchmark", help="accuracy benchmark: full vs 1 frame vs Sparse-MinVIS vs svis-ray")
+    s.add_argument("--out", default="bench_out")
+    s.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="overrides on configs/debug.yaml for all runs")
+    s.set_defaults(func=cmd_benchmark)
 
     s = sub.add_parser("predict", help="predict tracks for a YTVIS split, a frame folder or a video file")
     s.add_argument("input", help="YTVIS JSON (e.g. valid.json), a folder of frames, or a video file")

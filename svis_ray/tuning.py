@@ -25,7 +25,8 @@ from typing import Any, Literal
 
 import yaml
 
-from svis_ray.config import Config, _build, _merge, config_from_dict, load_config, parse_overrides, save_config
+from svis_ray.config import (Config, _build, _merge, check_config, config_from_dict, load_config, parse_overrides,
+                             save_config)
 from svis_ray.errors import SvisError
 
 # Sweep YAML form -> Ray Tune domain. randint bounds are both inclusive (Tune's upper is not).
@@ -190,7 +191,8 @@ def _check_distribution(key: str, spec: Any, base: dict, searcher: str, source: 
             raise SvisError(f"{where}: grid is not supported with tune.searcher=optuna (use choice)")
         candidates = args
     for value in candidates:
-        config_from_dict(_with_value(base, key, value, where), source=f"{source}: search_space")
+        where_value = f"{source}: search_space"
+        check_config(config_from_dict(_with_value(base, key, value, where), source=where_value), where_value)
 
 
 def _with_value(base: dict, key: str, value: Any, where: str) -> dict:
@@ -363,34 +365,38 @@ def _one_line(error: BaseException) -> str:
     return user_error_in(error) or str(error).strip().splitlines()[-1][:200]
 
 
-def format_summary(rows: list[dict[str, Any]], params: list[str]) -> str:
-    """A Markdown table of the trials (AP and AP50 in percent)."""
+def format_summary(rows: list[dict[str, Any]], sweep: Sweep) -> str:
+    """A Markdown table of the trials (AP and AP50 in percent), with the sweep metric's column
+    when the sweep ranks on something other than val_AP."""
     def pct(v: float | None) -> str:
         return f"{100 * v:.1f}" if v is not None and v >= 0 else "-"
 
     def num(v: Any) -> str:
         return f"{v:.4g}" if isinstance(v, float) else str(v)
 
-    head = ["trial", *params, "AP", "AP50", "eval step", "steps", "status"]
+    params = list(sweep.settings.search_space)
+    metric = [sweep.settings.tune.metric] if sweep.settings.tune.metric != "val_AP" else []
+    head = ["trial", *params, *metric, "AP", "AP50", "eval step", "steps", "status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["trial"], *(num(r.get(p)) for p in params), pct(r["AP"]), pct(r["AP50"]),
-                 num(r["eval_step"] if r["eval_step"] is not None else "-"), num(r["steps"]), r["status"]]
+        cells = [r["trial"], *(num(r.get(p)) for p in params), *(num(r["score"]) for _ in metric),
+                 pct(r["AP"]), pct(r["AP50"]), num(r["eval_step"] if r["eval_step"] is not None else "-"),
+                 num(r["steps"]), r["status"]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def write_summary(rows: list[dict[str, Any]], params: list[str], sweep_dir: Path) -> None:
+def write_summary(rows: list[dict[str, Any]], sweep: Sweep) -> None:
     from svis_ray.io import atomic_path
 
-    fields = ["trial", *params, "score", "AP", "AP50", "eval_step", "steps", "status", "error"]
-    with atomic_path(sweep_dir / "summary.csv") as tmp:
+    fields = ["trial", *sweep.settings.search_space, "score", "AP", "AP50", "eval_step", "steps", "status", "error"]
+    with atomic_path(sweep.dir / "summary.csv") as tmp:
         with open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
-    with atomic_path(sweep_dir / "summary.md") as tmp:
-        tmp.write_text(format_summary(rows, params) + "\n")
+    with atomic_path(sweep.dir / "summary.md") as tmp:
+        tmp.write_text(format_summary(rows, sweep) + "\n")
 
 
 def best_config(sweep: Sweep, params: dict[str, Any]) -> Config:
@@ -410,18 +416,17 @@ def run_sweep(config_path: str, overrides: list[str]) -> dict[str, Any]:
     sweep = load_sweep(config_path, overrides)
     ray_init()
     results = build_tuner(sweep).fit()
-    params = list(sweep.settings.search_space)
-    rows = summarize(results, sweep)
-    print(format_summary(rows, params), flush=True)
     if results.num_terminated + results.num_errors < sweep.num_trials:  # Ctrl+C ends fit() early
         print(f"sweep interrupted; run the same command again to resume it from {sweep.dir}", flush=True)
         raise KeyboardInterrupt
-    write_summary(rows, params, sweep.dir)
+    rows = summarize(results, sweep)
+    print(format_summary(rows, sweep), flush=True)
+    write_summary(rows, sweep)
     if rows[0]["score"] is None:
         first = next((r["error"] for r in rows if r["error"]), "no evaluation reported")
         raise SvisError(f"{sweep.dir}: no trial reported {sweep.settings.tune.metric}; first error: {first}")
     path = sweep.dir / "best.yaml"
-    save_config(best_config(sweep, {k: rows[0][k] for k in params}), path)
-    print(f"sweep folder: {sweep.dir}; best trial {rows[0]['trial']} (AP {100 * rows[0]['AP']:.1f}); "
-          f"train it with: svis-ray train --config {path}", flush=True)
+    save_config(best_config(sweep, {k: rows[0][k] for k in sweep.settings.search_space}), path)
+    print(f"sweep folder: {sweep.dir}; best trial {rows[0]['trial']} ({sweep.settings.tune.metric} "
+          f"{rows[0]['score']:.4g}); train it with: svis-ray train --config {path}", flush=True)
     return {"sweep_dir": str(sweep.dir), "trials": rows, "best": rows[0], "best_config": str(path)}

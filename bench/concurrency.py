@@ -1,0 +1,105 @@
+"""Does the teacher pool really run concurrently with the student?
+
+    python bench/concurrency.py [--steps 60] [--out bench_out]
+
+Three runs of the same work on the demo data, in one Ray session:
+  concurrent    semi-supervised training with a frozen teacher pool (the system as shipped;
+                frozen so the pseudo-labelling work is the same in every run)
+  teacher-only  the same Ray Data stream (decode + teacher pool) drained without training
+  student-only  the same training without a pool (teacher.mode=online, nothing kept)
+sequential = teacher-only + student-only ("label everything, then train").
+Prints concurrent/sequential and concurrent/max(teacher-only, student-only), draws a timeline
+PNG of teacher batches and student steps, and exits 1 when concurrent > 1.15 x max(...).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+GOAL = 1.15
+
+
+def timeline(rows: list[dict], out: Path) -> None:
+    """Teacher batches (ticks, when labelled) above student steps (bars), shared time axis."""
+    t0 = min(min(float(r["step_start"]), float(r["teacher_time_min"])) for r in rows)
+    t1 = max(float(r["time"]) for r in rows)
+    width, scale = 1000, 960 / max(1e-6, t1 - t0)
+    img = np.full((140, width, 3), 255, np.uint8)
+    for r in rows:
+        x = int(20 + scale * (float(r["teacher_time_max"]) - t0))
+        cv2.line(img, (x, 20), (x, 50), (200, 80, 0), 2)
+        a, b = (int(20 + scale * (float(r[k]) - t0)) for k in ("step_start", "time"))
+        cv2.rectangle(img, (a, 70), (max(a + 1, b), 100), (0, 140, 0), -1)
+    cv2.putText(img, "teacher batches labelled", (20, 15), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (200, 80, 0), 1)
+    cv2.putText(img, f"student steps ({t1 - t0:.1f} s)", (20, 120), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 140, 0), 1)
+    cv2.imwrite(str(out), img)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--out", default="bench_out")
+    a = p.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    from svis_ray.config import load_config
+    from svis_ray.data.demo import make_demo_data
+    from svis_ray.data.sparsify import sparsify
+    from svis_ray.data.ytvis import YTVIS
+    from svis_ray.model import build_model, save_checkpoint
+    from svis_ray.train import make_dataset_factory, ray_init, run_training
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as d:
+        make_demo_data(d, videos=32, val_videos=2, frames=12, seed=0)
+        sparsify(f"{d}/train.json", f"{d}/train_1frame.json", strategy="middle")
+        names = YTVIS.load(f"{d}/train.json").class_names
+        teacher = f"{d}/teacher.pt"
+        save_checkpoint(teacher, build_model("tiny", len(names)), names)
+        common = [f"data.root={d}", f"train.max_steps={a.steps}", "train.milestones=[]", "train.eval_every=0",
+                  f"train.checkpoint_every={a.steps}", "train.log_every=1", "train.num_workers=1",
+                  "teacher.num_teachers=1", "pseudo.score_threshold=0.5"]
+        ray_init()
+        frozen = load_config("configs/debug.yaml", [*common, "teacher.mode=frozen", f"teacher.checkpoint={teacher}",
+                                                    f"output.dir={d}/concurrent"])
+        t = time.perf_counter()
+        run_training(frozen)
+        t_concurrent = time.perf_counter() - t
+
+        t = time.perf_counter()
+        ds = make_dataset_factory(frozen, 1, len(names), None, None)()
+        clips = sum(len(b["clip_index"]) for b in ds.iter_batches(batch_size=8, batch_format="numpy"))
+        t_teacher = time.perf_counter() - t
+        assert clips == a.steps * frozen.data.clips_per_step
+
+        student = load_config("configs/debug.yaml", [*common, "teacher.mode=online", "pseudo.score_threshold=1.1",
+                                                     f"output.dir={d}/student"])
+        t = time.perf_counter()
+        run_training(student)
+        t_student = time.perf_counter() - t
+        with open(f"{d}/concurrent/metrics.csv") as f:
+            timeline(list(csv.DictReader(f)), out / "concurrency_timeline.png")
+        ray.shutdown()
+    sequential = t_teacher + t_student
+    bound = max(t_teacher, t_student)
+    print(f"{a.steps} steps: concurrent {t_concurrent:.1f} s, teacher-only {t_teacher:.1f} s, "
+          f"student-only {t_student:.1f} s")
+    print(f"concurrent / sequential = {t_concurrent / sequential:.3f}")
+    ratio = t_concurrent / bound
+    print(f"concurrent / max(teacher-only, student-only) = {ratio:.3f} (goal <= {GOAL}) -> "
+          f"{'PASS' if ratio <= GOAL else 'FAIL'}; timeline: {out / 'concurrency_timeline.png'}")
+    return 0 if ratio <= GOAL else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
