@@ -25,16 +25,19 @@ from svis_ray.pseudo import pseudo_label_clip
 
 @ray.remote(num_cpus=0)
 class WeightStore:
-    """Latest published teacher weights: (version, ObjectRef of a CPU state dict)."""
+    """Latest published teacher weights: (version, ObjectRef of a CPU state dict).
+
+    The store re-puts the weights itself so that it owns the object: a ref owned by the train
+    worker that published it would die with that worker, and a restarted run could then never
+    start its teachers (``OwnerDiedError``)."""
 
     def __init__(self) -> None:
         self.version = -1
         self.ref: list[ray.ObjectRef] = []
 
-    def put(self, version: int, ref: list[ray.ObjectRef]) -> None:
-        # The ref arrives wrapped in a list so Ray passes the reference instead of the value.
+    def put(self, version: int, state: dict) -> None:
         if version > self.version:
-            self.version, self.ref = version, ref
+            self.version, self.ref = version, [ray.put(state)]  # in a list: passed on as a ref
 
     def get(self, have: int) -> tuple[int, list[ray.ObjectRef]]:
         return (self.version, self.ref) if self.version > have else (have, [])

@@ -167,7 +167,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     def publish() -> None:
         state = {k: v.detach().to("cpu", copy=True) for k, v in ema.state_dict().items()}
-        ray.get(store.put.remote(step, [ray.put(state)]))
+        ray.get(store.put.remote(step, state))
 
     if store is not None and cfg.teacher.mode == "ema":
         publish()  # version = the step it was taken at; teachers wait for the first one

@@ -190,9 +190,9 @@ def _check_distribution(key: str, spec: Any, base: dict, searcher: str, source: 
         if kind == "grid" and searcher == "optuna":
             raise SvisError(f"{where}: grid is not supported with tune.searcher=optuna (use choice)")
         candidates = args
+    prefix = f"{source}: search_space"  # then the config's own one-line error, e.g. "train.lr: expected float"
     for value in candidates:
-        where_value = f"{source}: search_space"
-        check_config(config_from_dict(_with_value(base, key, value, where), source=where_value), where_value)
+        check_config(config_from_dict(_with_value(base, key, value, where), source=prefix), prefix)
 
 
 def _with_value(base: dict, key: str, value: Any, where: str) -> dict:
@@ -362,7 +362,8 @@ def summarize(results, sweep: Sweep) -> list[dict[str, Any]]:
 def _one_line(error: BaseException) -> str:
     from svis_ray.train import user_error_in
 
-    return user_error_in(error) or str(error).strip().splitlines()[-1][:200]
+    lines = str(error).strip().splitlines()
+    return user_error_in(error) or (lines[-1][:200] if lines else type(error).__name__)
 
 
 def format_summary(rows: list[dict[str, Any]], sweep: Sweep) -> str:
@@ -411,12 +412,17 @@ def run_sweep(config_path: str, overrides: list[str]) -> dict[str, Any]:
 
     Returns ``{"sweep_dir", "trials": rows (best first), "best": row, "best_config": path}``.
     """
+    from ray import tune
+
     from svis_ray.train import ray_init
 
     sweep = load_sweep(config_path, overrides)
     ray_init()
     results = build_tuner(sweep).fit()
-    if results.num_terminated + results.num_errors < sweep.num_trials:  # Ctrl+C ends fit() early
+    # Ctrl+C makes fit() return early, marking the unfinished trials terminated in `results`;
+    # the experiment state Tune saved (what a resume reads) still lists them as pending/running.
+    saved = tune.ExperimentAnalysis(str(sweep.dir)).trials
+    if sum(t.status in ("TERMINATED", "ERROR") for t in saved) < sweep.num_trials:
         print(f"sweep interrupted; run the same command again to resume it from {sweep.dir}", flush=True)
         raise KeyboardInterrupt
     rows = summarize(results, sweep)
