@@ -195,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except SvisError as e:
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()  # flush Ray's worker logs first, so the error is the last line printed
         print(f"svis-ray: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

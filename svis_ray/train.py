@@ -381,9 +381,26 @@ def ray_init() -> None:
 
 
 def user_error_in(exc: BaseException) -> str | None:
-    """The one-line ``SvisError`` message buried in a Ray/Train failure, if any."""
-    m = re.search(r"SvisError: (.+)", str(exc))
-    return m.group(1).strip() if m else None
+    """The one-line ``SvisError`` message buried in a Ray/Train failure, if any.
+
+    Train wraps a worker's error (which may wrap a Ray Data task's error) in ``worker_failures``,
+    causes and ``RayTaskError.cause``; walk all of them."""
+    stack: list = [exc]
+    seen: set[int] = set()
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if type(e) is SvisError:
+            return str(e)
+        m = re.search(r"SvisError: (.+)", str(e))
+        if m:
+            return m.group(1).strip()
+        stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+        stack += list((getattr(e, "worker_failures", None) or {}).values())
+        stack.append(getattr(e, "controller_failure", None))
+    return None
 
 
 def run_training(cfg: Config, callbacks: list[UserCallback] | None = None) -> dict[str, Any]:

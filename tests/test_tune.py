@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from svis_ray.config import load_config
+from svis_ray.config import load_config, save_config
 from svis_ray.errors import SvisError
 from svis_ray.tuning import (best_config, default_concurrency, format_summary, load_sweep, param_space,
                              summarize, trial_config, with_absolute_paths)
@@ -195,7 +195,6 @@ def test_summary_ranks_by_best_evaluation_and_names_early_stops(tmp_path):
 
     best = best_config(sweep, {"pseudo.weight": rows[0]["pseudo.weight"]})
     path = tmp_path / "best.yaml"
-    from svis_ray.config import save_config
     save_config(best, path)
     loaded = load_config(path)
     assert loaded.pseudo.weight == 0.5 and loaded.train.max_steps == sweep.base.train.max_steps
