@@ -18,7 +18,6 @@ svis_ray > sparse_minvis (mean AP).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile

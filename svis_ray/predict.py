@@ -9,7 +9,6 @@ atomically) go to ``out_dir``: ``results.json`` (YouTube-VIS / CodaLab format), 
 """
 from __future__ import annotations
 
-import argparse
 import colorsys
 import json
 import os

@@ -122,7 +122,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     class_names: list[str] = loop_config["class_names"]
     store_name: str | None = loop_config["store_name"]
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank = ctx.get_world_rank()
     if cfg.train.torch_threads:
         torch.set_num_threads(cfg.train.torch_threads)
     torch.manual_seed(cfg.train.seed * 1000 + rank)

@@ -1,6 +1,5 @@
 """Issue acceptance: the `tiny` preset, trained on two demo videos (all frames labelled) with the
 plain training step, reaches AP >= 0.9 on those videos with the project's evaluator."""
-import numpy as np
 import pytest
 import torch
 
