@@ -80,7 +80,7 @@ def test_cli_wrong_config_key_is_one_line(tmp_path):
 
 
 def test_cross_field_checks():
-    with pytest.raises(SvisError, match=r"train.milestones \[400\] lie beyond train.max_steps=7"):
+    with pytest.raises(SvisError, match=r"train.milestones \[320\] lie beyond train.max_steps=7"):
         load_config(ROOT / "configs" / "debug.yaml", ["train.max_steps=7"])
     with pytest.raises(SvisError, match="teacher.mode=frozen needs teacher.checkpoint"):
         load_config(ROOT / "configs" / "debug.yaml", ["teacher.mode=frozen"])
