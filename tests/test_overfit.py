@@ -31,7 +31,7 @@ def test_tiny_overfits_two_demo_videos(demo_root):
     model = build_model("tiny", len(two.class_names))
     criterion = SetCriterion(len(two.class_names), HungarianMatcher(num_points=2048), num_points=2048)
     steps = 300
-    optimizer = build_optimizer(model, lr=5e-4)
+    optimizer = build_optimizer(model, lr=1e-3)
     scheduler = build_scheduler(optimizer, steps, milestones=(240,))
     gen = torch.Generator().manual_seed(0)
     for _ in range(steps):
