@@ -184,29 +184,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             break
         t_step = time.time()
         lam = pseudo_weight(step, cfg)
-        kept = cands = pseudo_frames = 0
         for t in targets:
             t["weight"] = lam if t["pseudo"] else 1.0
             if t["labels"] is not None:
                 t["labels"], t["masks"] = t["labels"].to(device), t["masks"].to(device)
-            if t["pseudo"] and "scores" in t:
-                kept += len(t["labels"])
-                pseudo_frames += 1
-        if cfg.teacher.mode == "online":
-            def make_targets(outputs: dict[str, torch.Tensor]) -> list[dict]:
-                return _online_targets(outputs, targets, cfg)
+        if cfg.teacher.mode == "online":  # the student labels its unlabelled frames from this forward
+            targets_or_fn = lambda outputs: _online_targets(outputs, targets, cfg)  # noqa: E731
         else:
-            make_targets = None
-        parts = train_step(student, criterion, optimizer, scheduler, images.to(device),
-                           make_targets or targets, scaler=scaler, clip_norm=cfg.train.clip_norm, amp=amp)
-        if cfg.teacher.mode == "online":
-            for t in targets:
-                if t["pseudo"]:
-                    kept += len(t["labels"])
-                    pseudo_frames += 1
-                    cands += t.get("candidates", 0)
-        else:
-            cands = stats.get("pseudo_candidates", 0.0)
+            targets_or_fn = targets
+        parts = train_step(student, criterion, optimizer, scheduler, images.to(device), targets_or_fn,
+                           scaler=scaler, clip_norm=cfg.train.clip_norm, amp=amp)
+        pseudo = [t for t in targets if t["pseudo"] and "scores" in t]  # teacher- or self-labelled
+        kept = sum(len(t["labels"]) for t in pseudo)
+        cands = (sum(t["candidates"] for t in pseudo) if cfg.teacher.mode == "online"
+                 else stats.get("pseudo_candidates", 0.0))
+        pseudo_frames = len(pseudo)
         step += 1
         if ema is not None:
             with torch.no_grad():
@@ -247,7 +239,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                         json.dump(records, f)
                     with open(os.path.join(d, "metrics.json"), "w") as f:
                         json.dump({**val_metrics, "step": step}, f, indent=1)
-                metrics["val_AP"] = metrics.get("val_AP", best_ap)
                 save_checkpoint(os.path.join(d, "model.pt"), model, class_names,
                                 extra={"step": step, "val_AP": metrics["val_AP"],
                                        "min_size_test": cfg.data.min_size_test,
