@@ -277,3 +277,24 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
     with atomic_path(path) as tmp:
         tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """``cfg`` with its existing local paths made absolute.
+
+    Ray Train workers and Tune trials do not run in the launch folder (and may run on another
+    node), so a path relative to where the user typed the command would not resolve there.
+    URIs and paths that do not exist here are left as given (their error names them as typed).
+    """
+
+    def absolute(p: str | None) -> str | None:
+        if not p or "://" in p or Path(p).is_absolute() or not Path(p).expanduser().exists():
+            return p
+        return str(Path(p).expanduser().resolve())
+
+    return dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, root=absolute(cfg.data.root)),
+        model=dataclasses.replace(cfg.model, weights=absolute(cfg.model.weights)),
+        teacher=dataclasses.replace(cfg.teacher, checkpoint=absolute(cfg.teacher.checkpoint)),
+    )

@@ -30,7 +30,7 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from svis_ray.config import Config, check_config, config_from_dict
+from svis_ray.config import Config, absolute_paths, check_config, config_from_dict
 from svis_ray.errors import SvisError
 
 log = logging.getLogger("svis_ray")
@@ -403,6 +403,7 @@ def run_training(cfg: Config, callbacks: list[UserCallback] | None = None) -> di
     from svis_ray.teacher import WeightStore
 
     check_config(cfg)
+    cfg = absolute_paths(cfg)  # workers do not run in the launch folder
     out = run_dir(cfg)
     train = load_split(cfg.data.root, cfg.data.train_json)
     if cfg.data.val_json:

@@ -25,8 +25,8 @@ from typing import Any, Literal
 
 import yaml
 
-from svis_ray.config import (Config, _build, _merge, check_config, config_from_dict, load_config, parse_overrides,
-                             save_config)
+from svis_ray.config import (Config, _build, _merge, absolute_paths, check_config, config_from_dict, load_config,
+                             parse_overrides, save_config)
 from svis_ray.errors import SvisError
 
 # Sweep YAML form -> Ray Tune domain. randint bounds are both inclusive (Tune's upper is not).
@@ -239,22 +239,6 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], output_dir: str) 
     return config_from_dict(data, source="trial")
 
 
-def with_absolute_paths(cfg: Config) -> dict[str, Any]:
-    """``cfg`` as a dict with local paths made absolute: Tune runs each trial in its own folder,
-    possibly on another node, so a path relative to the launch folder would not resolve there."""
-
-    def absolute(p: str | None) -> str | None:
-        if not p or "://" in p or Path(p).is_absolute() or not Path(p).expanduser().exists():
-            return p
-        return str(Path(p).expanduser().resolve())
-
-    data = cfg.to_dict()
-    data["data"]["root"] = absolute(data["data"]["root"])
-    data["model"]["weights"] = absolute(data["model"]["weights"])
-    data["teacher"]["checkpoint"] = absolute(data["teacher"]["checkpoint"])
-    return data
-
-
 def trial_resources(cfg: Config) -> dict[str, float]:
     """What one trial holds while it trains: its driver, the Train workers, the teacher actors."""
     gpus = float(cfg.train.num_workers) if cfg.train.use_gpu else 0.0
@@ -305,7 +289,7 @@ def build_tuner(sweep: Sweep):
     from ray.tune.schedulers import ASHAScheduler
 
     trainable = tune.with_resources(
-        tune.with_parameters(_run_trial, base_config=with_absolute_paths(sweep.base),
+        tune.with_parameters(_run_trial, base_config=absolute_paths(sweep.base).to_dict(),
                              trials_dir=str(sweep.dir / "trials")),
         {"cpu": DRIVER_CPUS})
     if tune.Tuner.can_restore(str(sweep.dir)):

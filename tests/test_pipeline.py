@@ -125,12 +125,17 @@ def test_rerun_with_same_output_dir_resumes(ray_local, sparse_root, tmp_path):
 
 
 @pytest.mark.timeout(600)
-def test_online_mode_sparse_minvis_recipe(ray_local, sparse_root, tmp_path):
+def test_online_mode_sparse_minvis_recipe(ray_local, sparse_root, tmp_path, monkeypatch):
     """teacher.mode=online: no pool; the student labels its own unlabelled frames (threshold 0
-    here so that an untrained student's pseudo-labels are kept and counted)."""
+    here so that an untrained student's pseudo-labels are kept and counted).
+
+    Paths are given relative to the launch folder, as `svis-ray demo` does: Train workers run
+    in their own working folder, so the driver must hand them absolute paths."""
     from svis_ray.train import run_training
 
-    cfg = small_config(sparse_root, tmp_path / "run", "teacher.mode=online", "train.num_workers=1",
+    monkeypatch.chdir(sparse_root.parent)
+    rel_out = os.path.relpath(tmp_path / "run")
+    cfg = small_config(sparse_root.name, rel_out, "teacher.mode=online", "train.num_workers=1",
                        "train.max_steps=3", "train.checkpoint_every=3", "pseudo.score_threshold=0.0",
                        "pseudo.min_area=1")
     run_training(cfg)

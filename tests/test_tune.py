@@ -11,10 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from svis_ray.config import load_config, save_config
+from svis_ray.config import absolute_paths, load_config, save_config
 from svis_ray.errors import SvisError
 from svis_ray.tuning import (best_config, default_concurrency, format_summary, load_sweep, param_space,
-                             summarize, trial_config, with_absolute_paths)
+                             summarize, trial_config)
 
 ROOT = Path(__file__).resolve().parent.parent
 TUNE_DEBUG = ROOT / "configs" / "tune_debug.yaml"
@@ -148,7 +148,7 @@ def test_local_paths_become_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()
     cfg = load_config(ROOT / "configs" / "debug.yaml", ["data.root=data", "model.weights=missing.pt"])
-    data = with_absolute_paths(cfg)
+    data = absolute_paths(cfg).to_dict()
     assert data["data"]["root"] == str(tmp_path / "data")
     assert data["model"]["weights"] == "missing.pt"  # not here: left as given
 
