@@ -108,6 +108,14 @@ class _Window:
         return out
 
 
+def quiet_report_log() -> None:
+    """Ray Train logs every ``ray.train.report`` of every worker at INFO (the whole metrics dict);
+    the controller's progress line already shows them, so keep the console readable."""
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)  # Ray names it by file
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Runs on every ``TorchTrainer`` worker."""
     from svis_ray.data.collate import ClipCollate
@@ -123,6 +131,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     store_name: str | None = loop_config["store_name"]
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
+    quiet_report_log()
     if cfg.train.torch_threads:
         torch.set_num_threads(cfg.train.torch_threads)
     torch.manual_seed(cfg.train.seed * 1000 + rank)

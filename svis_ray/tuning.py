@@ -48,7 +48,7 @@ class TuneSection:
     max_concurrent_trials: int | None = None  # None: as many as the cluster's CPUs/GPUs hold
     searcher: Literal["random", "optuna"] = "random"  # optuna needs `pip install svis-ray[optuna]`
     seed: int = 0
-    grace_period: int = 500  # ASHA: training steps every trial runs before it may be stopped
+    grace_period: int | None = None  # ASHA: steps every trial runs before it may be stopped; None: max_t // 4
     reduction_factor: float = 2.0  # ASHA keeps the best 1/reduction_factor at each rung
     max_t: int | None = None  # ASHA's last rung in steps; None: the base train.max_steps
     max_failures: int = 1  # trial restarts (each resumes its Train run from its last checkpoint)
@@ -84,6 +84,10 @@ class Sweep:
     @property
     def max_t(self) -> int:
         return self.settings.tune.max_t or self.base.train.max_steps
+
+    @property
+    def grace_period(self) -> int:
+        return self.settings.tune.grace_period or max(1, self.max_t // 4)
 
 
 # ----------------------------------------------------------------------------- loading and checks
@@ -159,7 +163,7 @@ def _check_tune(s: SweepConfig, base: Config, source: str) -> None:
     if t.reduction_factor <= 1:
         raise SvisError(f"{source}: tune.reduction_factor: must be > 1, got {t.reduction_factor}")
     max_t = t.max_t or base.train.max_steps
-    if not 1 <= t.grace_period <= max_t:
+    if t.grace_period is not None and not 1 <= t.grace_period <= max_t:
         raise SvisError(f"{source}: tune.grace_period: must be between 1 and max_t ({max_t}), got {t.grace_period}")
     if t.max_failures < 0:
         raise SvisError(f"{source}: tune.max_failures: must be >= 0, got {t.max_failures}")
@@ -306,7 +310,7 @@ def build_tuner(sweep: Sweep):
             # time_attr "step": rungs are training steps, whatever the report frequency.
             # stop_last_trials=False: a trial that reaches max_t ends by itself, so run_training
             # still writes its best.pt and metrics.json instead of being killed at its last report.
-            scheduler=ASHAScheduler(time_attr="step", max_t=sweep.max_t, grace_period=t.grace_period,
+            scheduler=ASHAScheduler(time_attr="step", max_t=sweep.max_t, grace_period=sweep.grace_period,
                                     reduction_factor=t.reduction_factor, stop_last_trials=False)),
         run_config=tune.RunConfig(name=sweep.settings.name, storage_path=str(sweep.dir.parent),
                                   failure_config=tune.FailureConfig(max_failures=t.max_failures),

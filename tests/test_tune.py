@@ -31,7 +31,7 @@ def write_sweep(tmp_path, text: str) -> Path:
 @pytest.mark.parametrize("path", SWEEP_CONFIGS, ids=lambda p: p.name)
 def test_shipped_sweeps_load(path):
     sweep = load_sweep(path)
-    assert sweep.settings.tune.grace_period < sweep.max_t <= sweep.base.train.max_steps
+    assert sweep.grace_period < sweep.max_t <= sweep.base.train.max_steps
     # the search space covers the semi-supervised knobs and the loss weights
     assert {"pseudo.score_threshold", "pseudo.mask_threshold", "pseudo.weight", "pseudo.ramp_steps",
             "teacher.ema_momentum", "pseudo.anchor_iou", "loss.class_weight", "loss.mask_weight",
@@ -89,6 +89,11 @@ def test_bad_sweep_fails_with_one_line(tmp_path, text, message):
         load_sweep(path)
     assert message in str(e.value)
     assert str(e.value).startswith(str(path)) and "\n" not in str(e.value)
+
+
+def test_grace_period_defaults_to_a_quarter_of_max_t(tmp_path):
+    sweep = load_sweep(write_sweep(tmp_path, "search_space:\n  pseudo.weight: {uniform: [0, 1]}\n"))
+    assert sweep.settings.tune.grace_period is None and sweep.grace_period == sweep.base.train.max_steps // 4
 
 
 def test_missing_base_and_bad_base_override(tmp_path):

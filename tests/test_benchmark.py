@@ -1,0 +1,36 @@
+"""The accuracy benchmark's bookkeeping (the training runs themselves are tested in test_pipeline)."""
+import cv2
+import pytest
+
+from svis_ray.benchmark import KEYS, RECIPES, bar_chart, goals, summarize
+
+
+def seeds(*aps):
+    return {"seeds": {str(i): {k: ap for k in KEYS} for i, ap in enumerate(aps)}}
+
+
+def test_summary_mean_std_over_measured_seeds_only():
+    results = summarize({"full": seeds(0.4, 0.6), "svis_ray": seeds(0.5), "sparse_minvis": {"seeds": {}}})
+    assert results["full"]["mean"]["AP"] == pytest.approx(0.5)
+    assert results["full"]["std"]["AP"] == pytest.approx(0.1)
+    assert results["svis_ray"]["std"]["AR10"] == 0.0
+    assert "mean" not in results["sparse_minvis"]  # nothing measured yet: no made-up numbers
+
+
+def test_goals_follow_the_issue():
+    def results(full, lab, sm, svis):
+        return summarize({"full": seeds(full), "labelled_only": seeds(lab), "sparse_minvis": seeds(sm),
+                          "svis_ray": seeds(svis)})
+
+    assert all(goals(results(0.40, 0.30, 0.35, 0.37)).values())
+    missed = goals(results(0.40, 0.33, 0.38, 0.37))
+    assert missed == {"svis_ray >= 0.9 x full": True, "svis_ray >= labelled_only + 5 AP": False,
+                      "svis_ray > sparse_minvis": False}
+    assert not goals(results(0.50, 0.30, 0.35, 0.44))["svis_ray >= 0.9 x full"]
+
+
+def test_bar_chart_draws_every_recipe(tmp_path):
+    results = summarize({name: seeds(0.1 * (i + 1)) for i, name in enumerate(RECIPES)})
+    bar_chart(results, tmp_path / "accuracy.png")
+    img = cv2.imread(str(tmp_path / "accuracy.png"))
+    assert img is not None and img.shape[1] == 120 + 140 * len(RECIPES)
