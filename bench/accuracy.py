@@ -1,6 +1,6 @@
 """Accuracy benchmark (full vs 1 frame vs Sparse-MinVIS vs svis-ray); see svis_ray/benchmark.py.
 
-    python bench/accuracy.py [--out bench_out] [--seeds 0 1 2] [key=value ...]
+    python bench/accuracy.py [--out bench_out] [--seeds 0,1,2] [key=value ...]
 """
 import sys
 

@@ -77,7 +77,10 @@ def main() -> int:
         t_concurrent = time.perf_counter() - t
 
         t = time.perf_counter()
-        ds = make_dataset_factory(frozen, 1, len(names), None, None)()
+        # a fresh run folder: the stream resumes from its run's progress, and "concurrent" is done
+        drain = load_config("configs/debug.yaml", [*common, "teacher.mode=frozen", f"teacher.checkpoint={teacher}",
+                                                   f"output.dir={d}/teacher_only"])
+        ds = make_dataset_factory(drain, 1, len(names), None, None)()
         clips = sum(len(b["clip_index"]) for b in ds.iter_batches(batch_size=8, batch_format="numpy"))
         t_teacher = time.perf_counter() - t
         assert clips == a.steps * frozen.data.clips_per_step

@@ -1,6 +1,6 @@
 """Ray Data decode-and-resize throughput against a plain OpenCV loop on the same cores.
 
-    python bench/ingest.py [--frames 600] [--size 360x640] [--cores N]
+    python bench/ingest.py [--frames 4000] [--size 360x640] [--cores N]
 
 Both sides decode the same JPEG frames and resize them to the training short side with the
 project's own functions; the plain side is a ``multiprocessing.Pool`` of N processes, the Ray side
@@ -60,7 +60,7 @@ def with_ray(paths: list[str], cores: int) -> float:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--frames", type=int, default=600)
+    p.add_argument("--frames", type=int, default=4000)
     p.add_argument("--size", default="360x640")
     p.add_argument("--cores", type=int, default=os.cpu_count() or 1)
     a = p.parse_args()

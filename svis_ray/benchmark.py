@@ -1,7 +1,7 @@
 """The sparse-supervision claim, measured: four training recipes on the demo data, same seeds
 and step budget, evaluated on the held-out demo videos.
 
-    svis-ray benchmark [--out bench_out] [--seeds 0 1 2] [key=value ...]   (or python bench/accuracy.py)
+    svis-ray benchmark [--out bench_out] [--seeds 0,1,2] [key=value ...]   (or python bench/accuracy.py)
 
   full            every frame labelled (the fully supervised reference)
   labelled_only   one labelled frame per video (MinVIS "1%": the middle frame), nothing else
@@ -25,6 +25,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
+from svis_ray.errors import SvisError
 
 KEYS = ("AP", "AP50", "AP75", "AR1", "AR10")
 RECIPES = {
@@ -104,13 +106,21 @@ def run(out: str, seeds: list[int], overrides: list[str]) -> int:
     return 0 if all(checks.values()) else 1
 
 
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]`` (a comma list, so that ``key=value`` overrides may follow)."""
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise SvisError(f"--seeds: expected comma-separated integers such as 0,1,2, got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench_out")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides on configs/debug.yaml for all")
     a = p.parse_args(argv)
-    return run(a.out, a.seeds, a.overrides)
+    return run(a.out, parse_seeds(a.seeds), a.overrides)
 
 
 if __name__ == "__main__":

@@ -95,9 +95,9 @@ def cmd_predict(a: argparse.Namespace) -> None:
 
 
 def cmd_benchmark(a: argparse.Namespace) -> None:
-    from svis_ray.benchmark import run
+    from svis_ray.benchmark import parse_seeds, run
 
-    if run(a.out, a.seeds, a.overrides) != 0:
+    if run(a.out, parse_seeds(a.seeds), a.overrides) != 0:
         raise SvisError(f"{a.out}/accuracy.json: benchmark goals missed (see the table above)")
 
 
@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("benchmark", help="accuracy benchmark: full vs 1 frame vs Sparse-MinVIS vs svis-ray")
     s.add_argument("--out", default="bench_out")
-    s.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    s.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="overrides on configs/debug.yaml for all runs")
     s.set_defaults(func=cmd_benchmark)
 

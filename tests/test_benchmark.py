@@ -34,3 +34,12 @@ def test_bar_chart_draws_every_recipe(tmp_path):
     bar_chart(results, tmp_path / "accuracy.png")
     img = cv2.imread(str(tmp_path / "accuracy.png"))
     assert img is not None and img.shape[1] == 120 + 140 * len(RECIPES)
+
+
+def test_seeds_are_a_comma_list():
+    from svis_ray.benchmark import parse_seeds
+    from svis_ray.errors import SvisError
+
+    assert parse_seeds("0,1,2") == [0, 1, 2] and parse_seeds("7") == [7]
+    with pytest.raises(SvisError, match="--seeds"):
+        parse_seeds("0 1")
