@@ -70,17 +70,19 @@ def main() -> int:
                   f"train.checkpoint_every={a.steps}", "train.log_every=1", "train.num_workers=1",
                   "teacher.num_teachers=1", "pseudo.score_threshold=0.5"]
         ray_init()
-        frozen = load_config("configs/debug.yaml", [*common, "teacher.mode=frozen", f"teacher.checkpoint={teacher}",
-                                                    f"output.dir={d}/concurrent"])
+
+        def with_frozen_teacher(run: str):
+            return load_config("configs/debug.yaml", [*common, "teacher.mode=frozen", f"teacher.checkpoint={teacher}",
+                                                      f"output.dir={d}/{run}"])
+
+        frozen = with_frozen_teacher("concurrent")
         t = time.perf_counter()
         run_training(frozen)
         t_concurrent = time.perf_counter() - t
 
         t = time.perf_counter()
         # a fresh run folder: the stream resumes from its run's progress, and "concurrent" is done
-        drain = load_config("configs/debug.yaml", [*common, "teacher.mode=frozen", f"teacher.checkpoint={teacher}",
-                                                   f"output.dir={d}/teacher_only"])
-        ds = make_dataset_factory(drain, 1, len(names), None, None)()
+        ds = make_dataset_factory(with_frozen_teacher("teacher_only"), 1, len(names), None, None)()
         clips = sum(len(b["clip_index"]) for b in ds.iter_batches(batch_size=8, batch_format="numpy"))
         t_teacher = time.perf_counter() - t
         assert clips == a.steps * frozen.data.clips_per_step

@@ -12,14 +12,12 @@ and step budget, evaluated on the held-out demo videos.
 Every recipe trains on the same number of frames per step (labelled_only takes 3 labelled
 clips of one frame instead of 1 + 2 unlabelled). Writes DIR/accuracy.json
 ({recipe: {"seeds": {seed: metrics}, "mean": ..., "std": ...}}) and DIR/accuracy.png, prints the
-table, and exits 1 unless svis_ray >= 0.9 x full, svis_ray >= labelled_only + 5 AP and
+table, and exits 2 (one error line) unless svis_ray >= 0.9 x full, svis_ray >= labelled_only + 5 AP and
 svis_ray > sparse_minvis (mean AP).
 """
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -112,16 +110,3 @@ def parse_seeds(text: str) -> list[int]:
         return [int(x) for x in text.split(",")]
     except ValueError:
         raise SvisError(f"--seeds: expected comma-separated integers such as 0,1,2, got {text!r}") from None
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="bench_out")
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides on configs/debug.yaml for all")
-    a = p.parse_args(argv)
-    return run(a.out, parse_seeds(a.seeds), a.overrides)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
