@@ -98,6 +98,7 @@ def test_killed_worker_resumes_from_checkpoint(ray_local, sparse_root, tmp_path)
     assert progress.exists(), "no checkpoint before the kill"
     pids = _train_worker_pids()
     assert pids
+    assert th.is_alive(), "the run ended before the kill: nothing would test the resume"
     os.kill(pids[-1], signal.SIGKILL)
     th.join(500)
     assert not error, error
