@@ -10,7 +10,8 @@ and step budget, evaluated on the held-out demo videos.
   svis_ray        one frame + svis-ray's default: EMA teacher pool, anchored pseudo-labels
 
 Every recipe trains on the same number of frames per step (labelled_only takes 3 labelled
-clips of one frame instead of 1 + 2 unlabelled). Writes DIR/accuracy.json
+clips of one frame instead of 1 + 2 unlabelled). Command-line ``key=value`` overrides apply to
+every recipe, but a recipe's own keys (above) win: they are what defines it. Writes DIR/accuracy.json
 ({recipe: {"seeds": {seed: metrics}, "mean": ..., "std": ...}}) and DIR/accuracy.png, prints the
 table, and exits 2 (one error line) unless svis_ray >= 0.9 x full, svis_ray >= labelled_only + 5 AP and
 svis_ray > sparse_minvis (mean AP).
@@ -32,7 +33,8 @@ RECIPES = {
     "labelled_only": ["data.unlabelled_per_clip=0", "data.clips_per_step=6", "teacher.mode=online",
                       "pseudo.weight=0"],
     "sparse_minvis": ["teacher.mode=online", "pseudo.score_threshold=0.8", "pseudo.weight=1.0",
-                      "pseudo.anchor=false", "pseudo.ramp_steps=0", "teacher.warmup_steps=0"],
+                      "pseudo.anchor=false", "pseudo.ramp_steps=0", "teacher.warmup_steps=0",
+                      "pseudo.background_weight=1.0"],
     "svis_ray": [],
 }
 
@@ -68,12 +70,19 @@ def goals(results: dict[str, dict]) -> dict[str, bool]:
             "svis_ray > sparse_minvis": ap["svis_ray"] > ap["sparse_minvis"]}
 
 
+def recipe_config(name: str, data: str, seed: int, overrides: list[str], out_dir: Path):
+    """The debug config for one recipe and seed; the recipe's own keys win over ``overrides``."""
+    from svis_ray.config import load_config
+    from svis_ray.demo_job import DEBUG_CONFIG
+
+    return load_config(DEBUG_CONFIG, [f"data.root={data}", f"train.seed={seed}", *overrides, *RECIPES[name],
+                                      f"output.dir={out_dir}/runs/{name}_seed{seed}"])
+
+
 def run(out: str, seeds: list[int], overrides: list[str]) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    from svis_ray.config import load_config
     from svis_ray.data.demo import make_demo_data
     from svis_ray.data.sparsify import sparsify
-    from svis_ray.demo_job import DEBUG_CONFIG
     from svis_ray.io import write_json
     from svis_ray.train import run_training
 
@@ -84,11 +93,8 @@ def run(out: str, seeds: list[int], overrides: list[str]) -> int:
         make_demo_data(data)
         sparsify(f"{data}/train.json", f"{data}/train_1frame.json", strategy="middle")
         for seed in seeds:
-            for name, recipe in RECIPES.items():
-                cfg = load_config(DEBUG_CONFIG, [f"data.root={data}", f"train.seed={seed}",
-                                                 f"output.dir={out_dir}/runs/{name}_seed{seed}", *recipe,
-                                                 *overrides])
-                metrics = run_training(cfg)["metrics"]
+            for name in RECIPES:
+                metrics = run_training(recipe_config(name, data, seed, overrides, out_dir))["metrics"]
                 results[name]["seeds"][str(seed)] = {k: metrics[k] for k in KEYS}
                 print(f"{name} seed {seed}: AP {100 * metrics['AP']:.1f}", flush=True)
                 # after every run, so a stopped benchmark keeps what it measured

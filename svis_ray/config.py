@@ -104,6 +104,10 @@ class PseudoConfig:
     anchor_iou: float = 0.5
     anchor_score_threshold: float = 0.3  # anchored tracks pass at this lower foreground score
     weight: float = 1.0  # lambda_pseudo
+    # No-object weight (x lambda) of the queries a pseudo-labelled frame leaves unmatched. 1 trains
+    # every object the teacher did not keep as background (Sparse-MinVIS); lower values stop the
+    # student from unlearning the objects the teacher missed.
+    background_weight: float = 1.0
     ramp_steps: int = 0  # lambda_pseudo ramps linearly from 0 over the first N steps
     store: Literal["none", "parquet"] = "none"
 
@@ -241,6 +245,13 @@ def check_config(cfg: Config, source: str = "config") -> Config:
     for key, value in positive.items():
         if value < 1:
             raise SvisError(f"{source}: {key} must be >= 1, got {value}")
+    p = cfg.pseudo
+    unit = {"pseudo.score_threshold": p.score_threshold, "pseudo.anchor_iou": p.anchor_iou,
+            "pseudo.anchor_score_threshold": p.anchor_score_threshold,
+            "pseudo.background_weight": p.background_weight, "teacher.ema_momentum": cfg.teacher.ema_momentum}
+    for key, value in unit.items():
+        if not 0.0 <= value <= 1.0:
+            raise SvisError(f"{source}: {key} must lie in [0, 1], got {value}")
     if not cfg.data.min_size_train:
         raise SvisError(f"{source}: data.min_size_train must list at least one size")
     if cfg.teacher.mode == "frozen" and not cfg.teacher.checkpoint:

@@ -3,6 +3,9 @@
 Each frame is an independent image (MinVIS trains frame-wise). Pseudo-labelled frames carry a
 ``weight`` (λ) that scales their classification and mask terms; the normalisers do not depend on
 the weights, so weight 1 everywhere reproduces the standard unweighted Mask2Former losses.
+A frame may also carry ``bg_weight``, which scales the no-object term of its *unmatched* queries:
+pseudo-labels are incomplete (the teacher keeps only what it is sure of), and training every
+object it missed as background teaches the student to miss it too.
 """
 
 import re
@@ -58,15 +61,17 @@ class SetCriterion(nn.Module):
         """
         outputs: ``pred_logits`` [B, Q, K+1], ``pred_masks`` [B, Q, h, w], optional
             ``aux_outputs`` (list of dicts with the same two keys).
-        targets: B dicts with ``labels`` [N], ``masks`` [N, Hpad, Wpad], optional ``weight`` (1.0).
+        targets: B dicts with ``labels`` [N], ``masks`` [N, Hpad, Wpad], optional ``weight`` (1.0)
+            and ``bg_weight`` (1.0, multiplies ``weight`` for the frame's unmatched queries).
         Returns ``loss_ce``, ``loss_mask``, ``loss_dice`` and ``<name>_<i>`` per aux output i.
         """
         device = outputs["pred_logits"].device
         frame_weights = torch.tensor([float(t.get("weight", 1.0)) for t in targets], device=device)
+        bg_weights = torch.tensor([float(t.get("bg_weight", 1.0)) for t in targets], device=device)
         num_masks = self._num_masks(targets, device)
-        losses = self._layer_losses(outputs, targets, frame_weights, num_masks)
+        losses = self._layer_losses(outputs, targets, frame_weights, bg_weights, num_masks)
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
-            aux_losses = self._layer_losses(aux, targets, frame_weights, num_masks)
+            aux_losses = self._layer_losses(aux, targets, frame_weights, bg_weights, num_masks)
             losses.update({f"{name}_{i}": value for name, value in aux_losses.items()})
         return losses
 
@@ -84,7 +89,7 @@ class SetCriterion(nn.Module):
             num_masks /= dist.get_world_size()
         return num_masks.clamp(min=1).item()
 
-    def _layer_losses(self, outputs: dict, targets: list[dict], frame_weights: Tensor,
+    def _layer_losses(self, outputs: dict, targets: list[dict], frame_weights: Tensor, bg_weights: Tensor,
                       num_masks: float) -> dict[str, Tensor]:
         indices = self.matcher(outputs, targets)
         logits = outputs["pred_logits"].float()  # [B, Q, K+1]
@@ -99,8 +104,10 @@ class SetCriterion(nn.Module):
             [t["labels"].to(device)[tgt.to(device)] for t, (_, tgt) in zip(targets, indices)])
         ce = F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight,
                              reduction="none")  # [B, Q], already class-weighted
+        unmatched = target_classes == self.num_classes
+        query_weights = frame_weights[:, None] * torch.where(unmatched, bg_weights[:, None], 1.0)  # [B, Q]
         # Normaliser = F.cross_entropy's "mean" one, independent of the frame weights.
-        loss_ce = (ce * frame_weights[:, None]).sum() / self.empty_weight[target_classes].sum()
+        loss_ce = (ce * query_weights).sum() / self.empty_weight[target_classes].sum()
 
         pred_masks = outputs["pred_masks"][batch_idx, pred_idx].float()[:, None]  # [M, 1, h, w]
         if len(pred_masks) == 0:

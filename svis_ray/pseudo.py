@@ -108,7 +108,7 @@ def pseudo_label_clip(outputs: dict[str, torch.Tensor], size: tuple[int, int], l
     # Track: permute each frame's queries into the first frame's order (MinVIS matching).
     order = [torch.arange(logits.shape[1], device=logits.device)]
     for f in range(1, num_frames):
-        perm = match_embeddings(embds[f - 1][order[-1]], embds[f])
+        perm = match_embeddings(embds[f - 1][order[-1]], embds[f], mask_logits[f - 1][order[-1]], mask_logits[f])
         order.append(perm.to(logits.device))
     h, w = size
     full = F.interpolate(mask_logits.float(), scale_factor=4, mode="bilinear", align_corners=False)[..., :h, :w]

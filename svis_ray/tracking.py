@@ -4,6 +4,16 @@ The student sees frames independently; a query that segments an object in one fr
 embedding in the next, so Hungarian matching of embeddings between consecutive frames (no memory
 bank) re-orders each frame's queries into the previous frame's order. After alignment, query slot
 q is one track across the whole video.
+
+Departure from MinVIS: the matching cost also charges (1 - mask IoU) between the two frames' masks
+(weight ``MASK_WEIGHT``). Two objects of one class can have near-identical embeddings, and pure
+embedding matching then swaps them; objects move little between frames, so overlap settles it.
+``mask_weight=0`` is MinVIS's embedding-only matching.
+
+Second departure: a track's mask is emptied on frames where its query predicts no-object with
+probability > ``ABSENT_THRESHOLD``. When an object leaves the frame its slot is still matched to
+*some* query, often one on another object; YouTube-VIS marks the absent frames null, so keeping those masks
+only adds false-positive pixels to the track.
 """
 
 from collections.abc import Iterable, Iterator
@@ -16,16 +26,26 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 SIZE_DIVISIBILITY = 32
+ABSENT_THRESHOLD = 0.97  # only confident no-object: weak models are unsure far from their labels
+MASK_WEIGHT = 2.0  # as large as the embedding cost's range (0..2), so overlap can outvote it
 
 
-def match_embeddings(prev: Tensor, cur: Tensor) -> Tensor:
-    """Assign current queries to previous query slots by cosine similarity.
+def match_embeddings(prev: Tensor, cur: Tensor, prev_masks: Tensor | None = None,
+                     cur_masks: Tensor | None = None, mask_weight: float = MASK_WEIGHT) -> Tensor:
+    """Assign current queries to previous query slots by cosine similarity (and mask overlap).
 
-    prev: [Q, C], cur: [Q, C]. Returns perm [Q] (int64) such that ``cur[perm]`` is aligned to prev.
+    prev: [Q, C], cur: [Q, C] embeddings; prev_masks, cur_masks: optional [Q, h, w] mask logits.
+    Returns perm [Q] (int64) such that ``cur[perm]`` is aligned to prev.
     """
     prev = F.normalize(prev.float(), dim=-1)
     cur = F.normalize(cur.float(), dim=-1)
     cost = 1 - prev @ cur.T  # [Q_prev, Q_cur]
+    if prev_masks is not None and cur_masks is not None and mask_weight:
+        a = (prev_masks > 0).flatten(1).float()
+        b = (cur_masks > 0).flatten(1).float().to(a.device)
+        inter = a @ b.T
+        union = a.sum(1, keepdim=True) + b.sum(1) - inter
+        cost = cost + mask_weight * (1 - inter / union.clamp(min=1)).to(cost.device)
     _, perm = linear_sum_assignment(cost.cpu().numpy())  # rows come back sorted 0..Q-1
     return torch.as_tensor(perm, dtype=torch.int64)
 
@@ -43,14 +63,15 @@ def _windows(frames: Iterable[np.ndarray], window: int) -> Iterator[list[np.ndar
 
 @torch.no_grad()
 def track_video(model: nn.Module, frames: Iterable[np.ndarray], window: int = 30, topk: int = 10,
-                out_size: tuple[int, int] | None = None,
-                device: torch.device | str | None = None) -> list[dict]:
+                out_size: tuple[int, int] | None = None, device: torch.device | str | None = None,
+                mask_weight: float = MASK_WEIGHT, absent_threshold: float = ABSENT_THRESHOLD) -> list[dict]:
     """Segment and track the instances of one video.
 
     frames: T uint8 RGB arrays [h, w, 3], all the same size (already resized for inference).
     out_size: (H, W) of the returned masks, normally the original frame size; default (h, w).
     Returns up to ``topk`` tracks, best first: ``score`` (float), ``label`` (contiguous class
     index) and ``masks`` (bool [T, H, W]). The same query may appear twice with different labels.
+    ``mask_weight`` and ``absent_threshold``: the two departures from MinVIS above (0 and 1: MinVIS).
 
     Memory: the model runs on ``window`` frames at a time, so device memory is bounded by one
     window. Across the video only the aligned low-res mask logits are kept per frame (on the
@@ -62,8 +83,9 @@ def track_video(model: nn.Module, frames: Iterable[np.ndarray], window: int = 30
     model.eval()
 
     logit_sum = None  # [Q, K+1], sum over frames of the aligned class logits
-    prev_embds = None  # [Q, C], aligned embeddings of the previous frame
+    prev_embds = prev_masks = None  # [Q, C] and [Q, h/4, w/4], aligned, of the previous frame
     masks_lowres: list[Tensor] = []  # per frame [Q, h/4, w/4] aligned mask logits (CPU)
+    absent: list[Tensor] = []  # per frame [Q] bool: the query predicts no-object
     h = w = 0
     try:
         for chunk in _windows(frames, window):
@@ -79,10 +101,12 @@ def track_video(model: nn.Module, frames: Iterable[np.ndarray], window: int = 30
                                             outputs["pred_embds"]):
                 # The first frame fixes the query order; later frames follow the previous one.
                 perm = (torch.arange(len(embds)) if prev_embds is None
-                        else match_embeddings(prev_embds, embds)).to(embds.device)
+                        else match_embeddings(prev_embds, embds, prev_masks, masks, mask_weight)).to(embds.device)
                 logits, masks, prev_embds = logits[perm].float(), masks[perm], embds[perm]
+                prev_masks = masks
                 logit_sum = logits if logit_sum is None else logit_sum + logits
                 masks_lowres.append(masks.float().cpu())
+                absent.append((logits.softmax(-1)[:, -1] > absent_threshold).cpu())
     finally:
         model.train(was_training)
     if logit_sum is None:
@@ -102,7 +126,7 @@ def track_video(model: nn.Module, frames: Iterable[np.ndarray], window: int = 30
         m = F.interpolate(frame_masks[queries][None], size=padded, mode="bilinear",
                           align_corners=False)[:, :, :h, :w]
         m = F.interpolate(m, size=(out_h, out_w), mode="bilinear", align_corners=False)
-        video_masks[:, t] = m[0] > 0
+        video_masks[:, t] = (m[0] > 0) & ~absent[t][queries, None, None]
     return [{"score": float(s), "label": int(c), "masks": m.numpy()}
             for s, c, m in zip(top_scores, labels, video_masks)]
 

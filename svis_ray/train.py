@@ -49,6 +49,15 @@ def pseudo_weight(step: int, cfg: Config) -> float:
     return cfg.pseudo.weight * min(1.0, (s + 1) / cfg.pseudo.ramp_steps)
 
 
+def ema_momentum(step: int, momentum: float) -> float:
+    """EMA momentum after ``step`` updates: ``min(momentum, 1 - 1/step)`` (Mean Teacher's ramp).
+
+    A constant 0.99 from step 1 keeps 0.99**60 = 55 % of the *random initial* weights in the
+    teacher after 60 steps; the ramp makes the EMA the plain average of the steps so far until
+    the momentum takes over, so an early teacher is a (smoothed) copy of the student."""
+    return min(momentum, 1.0 - 1.0 / max(step, 1))
+
+
 def worker_device() -> torch.device:
     """The worker's GPU when CUDA really exists, else the CPU (fake GPU slots in tests)."""
     if torch.cuda.is_available():
@@ -195,6 +204,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         lam = pseudo_weight(step, cfg)
         for t in targets:
             t["weight"] = lam if t["pseudo"] else 1.0
+            t["bg_weight"] = cfg.pseudo.background_weight if t["pseudo"] else 1.0
             if t["labels"] is not None:
                 t["labels"], t["masks"] = t["labels"].to(device), t["masks"].to(device)
         if cfg.teacher.mode == "online":  # the student labels its unlabelled frames from this forward
@@ -211,7 +221,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         step += 1
         if ema is not None:
             with torch.no_grad():
-                m = cfg.teacher.ema_momentum
+                m = ema_momentum(step, cfg.teacher.ema_momentum)
                 for pe, ps in zip(ema.state_dict().values(), model.state_dict().values()):
                     if pe.dtype.is_floating_point:
                         pe.mul_(m).add_(ps.detach(), alpha=1 - m)

@@ -43,3 +43,15 @@ def test_seeds_are_a_comma_list():
     assert parse_seeds("0,1,2") == [0, 1, 2] and parse_seeds("7") == [7]
     with pytest.raises(SvisError, match="--seeds"):
         parse_seeds("0 1")
+
+
+def test_a_recipes_own_keys_win_over_command_line_overrides(tmp_path):
+    from svis_ray.benchmark import recipe_config
+
+    over = ["teacher.warmup_steps=50", "pseudo.weight=0.5", "train.max_steps=200", "train.milestones=[160]"]
+    sm = recipe_config("sparse_minvis", "data", 1, over, tmp_path)
+    assert (sm.teacher.mode, sm.teacher.warmup_steps, sm.pseudo.weight, sm.pseudo.anchor) == ("online", 0, 1.0, False)
+    assert sm.train.max_steps == 200 and sm.train.seed == 1
+    svis = recipe_config("svis_ray", "data", 1, over, tmp_path)
+    assert (svis.teacher.warmup_steps, svis.pseudo.weight) == (50, 0.5)  # nothing pinned: overrides apply
+    assert recipe_config("full", "data", 0, over, tmp_path).pseudo.weight == 0

@@ -145,6 +145,28 @@ def test_empty_frames_give_finite_losses_and_classification_gradient():
     assert outputs["pred_masks"].grad is not None and outputs["pred_masks"].grad.abs().max() == 0
 
 
+def test_background_weight_scales_only_unmatched_queries():
+    outputs = random_outputs(batch=1)
+    criterion = SetCriterion(K, HungarianMatcher(num_points=200), num_points=200)
+
+    def run(bg):
+        torch.manual_seed(0)
+        target = frame_targets(BOXES, LABELS)
+        target["bg_weight"] = bg
+        return criterion(outputs, [target])
+
+    full, half, none = run(1.0), run(0.5), run(0.0)
+    for name in ("loss_mask", "loss_dice"):  # mask terms belong to matched queries only
+        torch.testing.assert_close(none[name], full[name])
+    # CE = (matched + bg * unmatched) / fixed normaliser: linear in bg, and bg=0 keeps the matched part.
+    torch.testing.assert_close(half["loss_ce"], (full["loss_ce"] + none["loss_ce"]) / 2)
+    assert 0 < none["loss_ce"] < full["loss_ce"]
+    # With bg=0 the 3 unmatched queries get no gradient; the 3 matched ones do.
+    criterion.total(none).backward()
+    moved = outputs["pred_logits"].grad[0].abs().sum(-1) > 0
+    assert moved.sum() == len(LABELS)
+
+
 def test_mixed_batch_with_empty_frame():
     outputs = random_outputs(batch=2)
     criterion = SetCriterion(K, HungarianMatcher(num_points=200), num_points=200)

@@ -127,3 +127,16 @@ def test_amp_falls_back_to_fp32_on_cpu():
     assert results[0] == results[1]
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p, q)
+
+
+def test_ema_momentum_ramps_so_the_teacher_forgets_the_random_init():
+    from svis_ray.train import ema_momentum
+
+    assert ema_momentum(1, 0.99) == 0.0  # the first update copies the student
+    assert ema_momentum(4, 0.99) == 0.75 and ema_momentum(1000, 0.99) == 0.99
+    # Running the update with the ramp gives the plain mean of the student's weights so far.
+    ema, history = 0.0, [3.0, 5.0, 7.0, 9.0]
+    for step, w in enumerate(history, start=1):
+        m = ema_momentum(step, 0.99)
+        ema = m * ema + (1 - m) * w
+    assert abs(ema - sum(history) / len(history)) < 1e-12

@@ -65,6 +65,36 @@ def test_match_embeddings_inverts_a_permutation():
     assert torch.equal(order[perm], torch.arange(8))
 
 
+def test_mask_overlap_separates_queries_with_identical_embeddings():
+    # Two objects of one class: same embedding, so only the masks can tell them apart.
+    emb = torch.ones(2, C)
+    left, right = torch.full((2, 8, 8), -1.0), torch.full((2, 8, 8), -1.0)
+    left[0, :, :4] = left[1, :, 4:] = 1.0  # previous frame: query 0 left, query 1 right
+    right[1, :, :3] = right[0, :, 5:] = 1.0  # current frame: the raw query order is swapped
+    assert torch.equal(match_embeddings(emb, emb, left, right), torch.tensor([1, 0]))
+    assert torch.equal(match_embeddings(emb, emb, left, right, mask_weight=0), torch.tensor([0, 1]))
+
+
+def test_track_masks_are_empty_where_the_query_is_confidently_absent():
+    class VanishingModel(nn.Module):
+        """One query on a fixed block; it predicts no-object on frames 2 and 3."""
+
+        def forward(self, images):
+            n = len(images)
+            frame = images[:, 0, 0, 0].long()  # video() fills frame t with value t
+            logits = torch.full((n, 1, 2), -10.0)
+            logits[:, 0, 0] = 10.0
+            logits[(frame == 2) | (frame == 3), 0, 1] = 20.0
+            masks = torch.full((n, 1, h // 4, w // 4), 5.0)
+            return {"pred_logits": logits, "pred_masks": masks, "pred_embds": torch.ones(n, 1, C)}
+
+    track, = track_video(VanishingModel(), video(5), topk=1, out_size=(h, w), device="cpu")
+    assert [bool(m.any()) for m in track["masks"]] == [True, True, False, False, True]
+    kept, = track_video(VanishingModel(), video(5), topk=1, out_size=(h, w), device="cpu",
+                        absent_threshold=1.0)
+    assert all(m.all() for m in kept["masks"])
+
+
 def test_tracker_realigns_permuted_queries():
     model = PermutingModel(permute=True)
     tracks = track_video(model, iter(video()), window=4, topk=8, out_size=(h, w))

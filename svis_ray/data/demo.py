@@ -3,9 +3,11 @@
 ``make_demo_data(out)`` writes ``out/JPEGImages/<video>/<t:05d>.jpg``, ``out/train.json`` and
 ``out/val.json`` (held-out videos, full annotations, ids disjoint from train's). Six object
 categories differ in shape, colour family and texture. Each video has a textured, slowly
-panning background and 1-4 objects that move, scale and rotate, enter and leave the frame and
-occlude each other (fixed depth order). Appearance drifts over a video (hue, brightness, texture
-phase, occasional motion blur), so one labelled frame does not show all a class can look like.
+panning background and 1-4 objects that move, rotate, tilt out of the image plane, grow or
+shrink (up to ~1.7x between the middle and the ends of a video), enter and leave the frame and
+occlude each other (fixed depth order). Appearance changes over a video as in real footage
+(object hue and brightness, texture phase, scene lighting, motion blur in half the videos), so
+the one labelled middle frame does not show all a class can look like.
 Masks are the visible pixels; an instance out of frame or fully occluded is null on that frame.
 
 Everything is drawn relative to the frame size and from generators seeded by
@@ -111,11 +113,14 @@ def _objects(rng: np.random.Generator, h: int, w: int) -> list[dict[str, Any]]:
         objs.append({
             "cat": cat, "p0": p0, "p1": p0 + travel,
             "wobble": rng.uniform(0, 0.06) * min(h, w), "wobble_phase": rng.uniform(0, 2 * np.pi),
-            "radius": rng.uniform(0.11, 0.24) * min(h, w), "growth": rng.uniform(-0.8, 0.8),
+            # Scale: up to ~1.7x larger or smaller at the ends of the video than in the middle.
+            "radius": rng.uniform(0.12, 0.22) * min(h, w), "growth": rng.choice([-1, 1]) * rng.uniform(0.3, 1.1),
             "angle": rng.uniform(0, 2 * np.pi), "spin": rng.uniform(-np.pi, np.pi),
-            "hue": CATEGORIES[cat][1] + rng.uniform(-12, 12), "hue_drift": rng.uniform(-18, 18),
-            "sat": rng.uniform(0.6, 0.95), "bright": rng.uniform(0.65, 1.25, 2),
-            "phase": rng.uniform(0, 2 * np.pi), "phase_drift": rng.uniform(-3, 3),
+            # Viewpoint: the object tilts out of the image plane (foreshortened along one axis).
+            "tilt": rng.uniform(0, np.pi), "tilt_rate": rng.choice([-1, 1]) * rng.uniform(0.5, 2.0),
+            "hue": CATEGORIES[cat][1] + rng.uniform(-12, 12), "hue_drift": rng.uniform(-40, 40),
+            "sat": rng.uniform(0.6, 0.95), "bright": rng.uniform(0.45, 1.3, 2),
+            "phase": rng.uniform(0, 2 * np.pi), "phase_drift": rng.uniform(-4, 4),
         })
     return objs
 
@@ -126,7 +131,7 @@ def _draw(img: np.ndarray, owner: np.ndarray, index: int, o: dict[str, Any], s: 
     direction = o["p1"] - o["p0"]
     normal = np.array([-direction[1], direction[0]]) / (np.hypot(*direction) + 1e-6)
     cx, cy = o["p0"] + direction * s + normal * o["wobble"] * np.sin(2 * np.pi * s + o["wobble_phase"])
-    r = o["radius"] * np.exp(o["growth"] * (s - 0.5))
+    r = min(o["radius"] * np.exp(o["growth"] * (s - 0.5)), 0.45 * min(h, w))
     x0, x1 = max(int(cx - r) - 1, 0), min(int(cx + r) + 2, w)
     y0, y1 = max(int(cy - r) - 1, 0), min(int(cy + r) + 2, h)
     if x0 >= x1 or y0 >= y1:
@@ -134,7 +139,8 @@ def _draw(img: np.ndarray, owner: np.ndarray, index: int, o: dict[str, Any], s: 
     ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float32) + 0.5  # pixel centres
     angle = o["angle"] + o["spin"] * s
     u = ((xs - cx) * np.cos(angle) + (ys - cy) * np.sin(angle)) / r
-    v = (-(xs - cx) * np.sin(angle) + (ys - cy) * np.cos(angle)) / r
+    squash = 0.5 + 0.5 * abs(np.cos(o["tilt"] + o["tilt_rate"] * s))  # 1 = facing the camera
+    v = (-(xs - cx) * np.sin(angle) + (ys - cy) * np.cos(angle)) / (r * squash)
     shape = CATEGORIES[o["cat"]][0]
     inside = _inside(shape, u, v)
     hue, bright = o["hue"] + o["hue_drift"] * s, o["bright"][0] + (o["bright"][1] - o["bright"][0]) * s
@@ -146,7 +152,7 @@ def _draw(img: np.ndarray, owner: np.ndarray, index: int, o: dict[str, Any], s: 
 
 
 def _motion_blur(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    length = 2 * int(rng.integers(1, 4) * max(1, min(img.shape[:2]) // 96)) + 1
+    length = 2 * int(rng.integers(1, 5) * max(1, min(img.shape[:2]) // 96)) + 1
     kernel = np.zeros((length, length), np.float32)
     angle, c = rng.uniform(0, np.pi), length // 2
     dx, dy = c * np.cos(angle), c * np.sin(angle)
@@ -162,7 +168,9 @@ def _write_video(root: Path, name: str, rng: np.random.Generator, frames: int, h
     canvas = _background(rng, h + 2 * pad, w + 2 * pad)
     pan = rng.integers(0, 2 * pad + 1, (2, 2))  # start and end offsets (y, x)
     objs = _objects(rng, h, w)
-    blurry = rng.random() < 0.3
+    blurry = rng.random() < 0.5
+    # Scene lighting changes over the video (clouds, auto-exposure): a gain from start to end.
+    gain = rng.uniform(0.6, 1.3, 2)
     tracks = [{"cat": o["cat"], "segmentations": [], "areas": [], "bboxes": []} for o in objs]
     (root / "JPEGImages" / name).mkdir(parents=True)
     for t in range(frames):
@@ -172,9 +180,10 @@ def _write_video(root: Path, name: str, rng: np.random.Generator, frames: int, h
         owner = np.full((h, w), -1, np.int16)
         for i, o in enumerate(objs):  # list order is the depth order: later objects in front
             _draw(img, owner, i, o, s)
-        if blurry and rng.random() < 0.4:
+        if blurry and rng.random() < 0.5:
             img = _motion_blur(img, rng)
-        img = np.clip(img * rng.uniform(0.92, 1.08) + rng.normal(0, 3, img.shape), 0, 255).astype(np.uint8)
+        light = (gain[0] + (gain[1] - gain[0]) * s) * rng.uniform(0.92, 1.08)
+        img = np.clip(img * light + rng.normal(0, 3, img.shape), 0, 255).astype(np.uint8)
         path = root / "JPEGImages" / name / f"{t:05d}.jpg"
         if not cv2.imwrite(str(path), cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]):
             raise SvisError(f"{path}: cannot write frame")
