@@ -9,8 +9,8 @@ and step budget, evaluated on the held-out demo videos.
                   (online, class score > 0.8, loss weight 1, no anchoring)
   svis_ray        one frame + svis-ray's default: EMA teacher pool, anchored pseudo-labels
 
-Every recipe trains on the same number of frames per step (labelled_only takes 3 labelled
-clips of one frame instead of 1 + 2 unlabelled). Command-line ``key=value`` overrides apply to
+Every recipe trains on the same number of frames per step (labelled_only takes 6 one-frame
+labelled clips instead of the debug config's 3 clips of 1 labelled + 1 unlabelled frame). Command-line ``key=value`` overrides apply to
 every recipe, but a recipe's own keys (above) win: they are what defines it. Writes DIR/accuracy.json
 ({recipe: {"seeds": {seed: metrics}, "mean": ..., "std": ...}}) and DIR/accuracy.png, prints the
 table, and exits 2 (one error line) unless svis_ray >= 0.9 x full, svis_ray >= labelled_only + 5 AP and

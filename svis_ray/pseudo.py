@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
 from svis_ray.config import PseudoConfig
-from svis_ray.tracking import match_embeddings
+from svis_ray.tracking import mask_iou, match_embeddings
 
 
 @dataclass
@@ -82,11 +82,7 @@ def anchor_queries(pred_masks: torch.Tensor, gt_masks: torch.Tensor, gt_labels: 
     """
     if len(gt_masks) == 0:
         return {}
-    p = pred_masks.flatten(1).float()
-    g = gt_masks.flatten(1).float()
-    inter = p @ g.T
-    union = p.sum(1, keepdim=True) + g.sum(1) - inter
-    iou = (inter / union.clamp(min=1)).cpu().numpy()
+    iou = mask_iou(pred_masks, gt_masks).cpu().numpy()
     rows, cols = linear_sum_assignment(-iou)
     return {int(q): int(gt_labels[m]) for q, m in zip(rows, cols) if iou[q, m] >= min_iou}
 
@@ -108,7 +104,8 @@ def pseudo_label_clip(outputs: dict[str, torch.Tensor], size: tuple[int, int], l
     # Track: permute each frame's queries into the first frame's order (MinVIS matching).
     order = [torch.arange(logits.shape[1], device=logits.device)]
     for f in range(1, num_frames):
-        perm = match_embeddings(embds[f - 1][order[-1]], embds[f], mask_logits[f - 1][order[-1]], mask_logits[f])
+        perm = match_embeddings(embds[f - 1][order[-1]], embds[f],
+                                mask_logits[f - 1][order[-1]], mask_logits[f])
         order.append(perm.to(logits.device))
     h, w = size
     full = F.interpolate(mask_logits.float(), scale_factor=4, mode="bilinear", align_corners=False)[..., :h, :w]

@@ -12,8 +12,8 @@ embedding matching then swaps them; objects move little between frames, so overl
 
 Second departure: a track's mask is emptied on frames where its query predicts no-object with
 probability > ``ABSENT_THRESHOLD``. When an object leaves the frame its slot is still matched to
-*some* query, often one on another object; YouTube-VIS marks the absent frames null, so keeping those masks
-only adds false-positive pixels to the track.
+*some* query, often one on another object; YouTube-VIS marks the absent frames null, so keeping
+those masks only adds false-positive pixels to the track.
 """
 
 from collections.abc import Iterable, Iterator
@@ -30,6 +30,14 @@ ABSENT_THRESHOLD = 0.97  # only confident no-object: weak models are unsure far 
 MASK_WEIGHT = 2.0  # as large as the embedding cost's range (0..2), so overlap can outvote it
 
 
+def mask_iou(a: Tensor, b: Tensor) -> Tensor:
+    """Pairwise IoU of two sets of boolean masks: a [N, H, W], b [M, H, W] -> [N, M] float."""
+    a, b = a.flatten(1).float(), b.flatten(1).float().to(a.device)
+    inter = a @ b.T
+    union = a.sum(1, keepdim=True) + b.sum(1) - inter
+    return inter / union.clamp(min=1)
+
+
 def match_embeddings(prev: Tensor, cur: Tensor, prev_masks: Tensor | None = None,
                      cur_masks: Tensor | None = None, mask_weight: float = MASK_WEIGHT) -> Tensor:
     """Assign current queries to previous query slots by cosine similarity (and mask overlap).
@@ -41,11 +49,7 @@ def match_embeddings(prev: Tensor, cur: Tensor, prev_masks: Tensor | None = None
     cur = F.normalize(cur.float(), dim=-1)
     cost = 1 - prev @ cur.T  # [Q_prev, Q_cur]
     if prev_masks is not None and cur_masks is not None and mask_weight:
-        a = (prev_masks > 0).flatten(1).float()
-        b = (cur_masks > 0).flatten(1).float().to(a.device)
-        inter = a @ b.T
-        union = a.sum(1, keepdim=True) + b.sum(1) - inter
-        cost = cost + mask_weight * (1 - inter / union.clamp(min=1)).to(cost.device)
+        cost = cost + mask_weight * (1 - mask_iou(prev_masks > 0, cur_masks > 0)).to(cost.device)
     _, perm = linear_sum_assignment(cost.cpu().numpy())  # rows come back sorted 0..Q-1
     return torch.as_tensor(perm, dtype=torch.int64)
 
