@@ -30,6 +30,7 @@ class DataConfig:
     max_size_test: int = 1333
     flip: bool = True
     unlabelled_per_clip: int = 2  # Sparse-MinVIS: 1 labelled + 2 unlabelled frames per video and step
+    unlabelled_max_gap: int = 0  # unlabelled frames within this many frames of the labelled one; 0 = any
     clips_per_step: int = 2  # clips per worker and step (a clip = the frames of one video)
     on_bad_frame: Literal["fail", "skip"] = "fail"
     decode_cpus: float = 0.25  # logical CPUs per decode task (small: Train holds whole CPUs)
@@ -245,6 +246,9 @@ def check_config(cfg: Config, source: str = "config") -> Config:
     for key, value in positive.items():
         if value < 1:
             raise SvisError(f"{source}: {key} must be >= 1, got {value}")
+    if cfg.data.unlabelled_max_gap < 0:
+        raise SvisError(f"{source}: data.unlabelled_max_gap must be >= 0 (0 = any frame), "
+                        f"got {cfg.data.unlabelled_max_gap}")
     p = cfg.pseudo
     unit = {"pseudo.score_threshold": p.score_threshold, "pseudo.anchor_iou": p.anchor_iou,
             "pseudo.anchor_score_threshold": p.anchor_score_threshold,

@@ -349,7 +349,7 @@ def make_dataset_factory(cfg: Config, world_size: int, num_classes: int, store_n
         per_step = world_size * cfg.data.clips_per_step
         first = _read_progress(out_dir) * per_step
         rows = clip_rows(train, cfg.data.root, num_clips(cfg, world_size), 1 + cfg.data.unlabelled_per_clip,
-                         cfg.train.seed, first_clip=first)
+                         cfg.train.seed, first_clip=first, max_gap=cfg.data.unlabelled_max_gap)
         dcfg = DecodeConfig(tuple(cfg.data.min_size_train), cfg.data.max_size_train, cfg.data.flip,
                             cfg.data.on_bad_frame, cfg.train.seed)
         # One block per step: blocks stay small and arrive roughly in step order.

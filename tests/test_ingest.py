@@ -33,6 +33,26 @@ def test_clip_rows_one_labelled_frame_plus_unlabelled(sparse, demo_root):
     assert clip_rows(sparse, str(demo_root), 20, 3, seed=1) != rows
 
 
+def test_clip_rows_max_gap_keeps_unlabelled_frames_near_the_labelled_one(sparse, demo_root):
+    rows = clip_rows(sparse, str(demo_root), num_clips=40, frames_per_clip=3, seed=0, max_gap=2)
+    offsets = set()
+    for row in rows:
+        middle = sparse.video(row["video_id"])["length"] // 2
+        assert middle in row["frame_idx"] and len(set(row["frame_idx"])) == 3
+        offsets |= {t - middle for t in row["frame_idx"]}
+    assert offsets == {-2, -1, 0, 1, 2}  # the whole window is used, nothing beyond it
+    # gap 0 = any frame: the unrestricted schedule reaches farther
+    far = clip_rows(sparse, str(demo_root), num_clips=40, frames_per_clip=3, seed=0)
+    assert max(abs(t - sparse.video(r["video_id"])["length"] // 2) for r in far for t in r["frame_idx"]) > 2
+
+
+def test_negative_max_gap_is_a_config_error():
+    from svis_ray.config import load_config
+
+    with pytest.raises(SvisError, match="data.unlabelled_max_gap must be >= 0"):
+        load_config(None, ["data.unlabelled_max_gap=-1"])
+
+
 def decode_cfg(**kw):
     args = dict(min_sizes=(64,), max_size=1000, flip=False, on_bad_frame="fail", seed=0)
     args.update(kw)

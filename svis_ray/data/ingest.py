@@ -61,13 +61,15 @@ def load_split(root: str, rel: str) -> YTVIS:
 
 # ----------------------------------------------------------------------------- clip rows
 def clip_rows(ds: YTVIS, root: str, num_clips: int, frames_per_clip: int, seed: int,
-              first_clip: int = 0) -> list[dict[str, Any]]:
+              first_clip: int = 0, max_gap: int = 0) -> list[dict[str, Any]]:
     """Rows for clips ``first_clip .. num_clips-1`` of a deterministic, seeded sampling schedule.
 
     Videos are visited in a fresh random order each pass; in each clip one frame comes from the
     video's labelled frames (if any) and the rest from its other frames, without replacement
-    where the video is long enough. Clip ``i`` is the same whatever ``first_clip`` is, so a
-    resumed run continues the schedule instead of replaying it.
+    where the video is long enough. ``max_gap > 0`` keeps the other frames within that many
+    frames of the labelled one: pseudo-labels are more often right close to the ground truth
+    (anchoring has the labelled frame's masks to match). Clip ``i`` is the same whatever
+    ``first_clip`` is, so a resumed run continues the schedule instead of replaying it.
     """
     videos = [v for v in ds.videos]
     rows = []
@@ -82,7 +84,8 @@ def clip_rows(ds: YTVIS, root: str, num_clips: int, frames_per_clip: int, seed: 
         frames: list[int] = []
         if labelled:
             frames.append(int(rng.choice(sorted(labelled))))
-        others = [t for t in range(length) if t not in frames]
+        others = [t for t in range(length) if t not in frames
+                  and (not max_gap or not frames or abs(t - frames[0]) <= max_gap)]
         want = frames_per_clip - len(frames)
         if others and want > 0:
             frames += [int(t) for t in rng.choice(others, size=want, replace=len(others) < want)]
