@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import cv2
 import numpy as np
 import pyarrow.fs
 from pycocotools import mask as mask_utils
@@ -133,7 +134,10 @@ def decode_clip(row: dict[str, Any], cfg: DecodeConfig) -> dict[str, Any]:
     flip = bool(cfg.flip and rng.random() < 0.5)
     shape = resized_shape(int(row["height"]), int(row["width"]), short, cfg.max_size)
     gts = json.loads(row["gt_json"])
-    images, idx, labelled, masks, frames, labels = [], [], [], [], [], []
+    h, w = shape
+    # Frames go straight into the output array (no per-frame copies and no final stack).
+    image = np.empty((len(row["paths"]), h, w, 3), np.uint8)
+    idx, labelled, masks, frames, labels = [], [], [], [], []
     bad = 0
     for path, t, gt in zip(row["paths"], row["frame_idx"], gts):
         try:
@@ -146,29 +150,27 @@ def decode_clip(row: dict[str, Any], cfg: DecodeConfig) -> dict[str, Any]:
                 raise
             bad += 1
             continue
+        slot = len(idx)
         img = resize_image(img, shape)
-        slot = len(images)
+        if flip:
+            cv2.flip(img, 1, dst=image[slot])
+        else:
+            image[slot] = img
         if gt is not None and len(gt):
             m = mask_utils.decode([g["rle"] for g in gt]).transpose(2, 0, 1)
             m = resize_masks(np.ascontiguousarray(m), shape)
-            if flip:
-                m = m[:, :, ::-1]
-            masks.append(m)
+            masks.append(m[:, :, ::-1] if flip else m)
             frames += [slot] * len(gt)
             labels += [g["label"] for g in gt]
-        if flip:
-            img = img[:, ::-1]
-        images.append(np.ascontiguousarray(img))
         idx.append(int(t))
         labelled.append(gt is not None)
-    h, w = shape
     return {
         "clip_index": int(row["clip_index"]),
         "video_id": int(row["video_id"]),
-        "image": np.stack(images) if images else np.zeros((0, h, w, 3), np.uint8),
+        "image": image[: len(idx)],
         "frame_idx": np.asarray(idx, np.int64),
         "labelled": np.asarray(labelled, bool),
-        "gt_masks": np.ascontiguousarray(np.concatenate(masks)) if masks else np.zeros((0, h, w), np.uint8),
+        "gt_masks": np.concatenate(masks) if masks else np.zeros((0, h, w), np.uint8),
         "gt_frame": np.asarray(frames, np.int64),
         "gt_labels": np.asarray(labels, np.int64),
         "bad_frames": bad,
