@@ -43,6 +43,22 @@ def timeline(rows: list[dict], out: Path) -> None:
     cv2.imwrite(str(out), img)
 
 
+def run_configs(d: str, steps: int, teacher: str) -> dict:
+    """The three runs' configs (data in ``d``, frozen teacher checkpoint ``teacher``)."""
+    from svis_ray.config import load_config
+
+    common = [f"data.root={d}", f"train.max_steps={steps}", "train.milestones=[]", "train.eval_every=0",
+              f"train.checkpoint_every={steps}", "train.log_every=1", "train.num_workers=1",
+              "teacher.num_teachers=1", "pseudo.score_threshold=0.5"]
+    frozen = [*common, "teacher.mode=frozen", f"teacher.checkpoint={teacher}"]
+    # student-only keeps no pseudo-label (scores never exceed 1) but does the same training work
+    return {"concurrent": load_config("configs/debug.yaml", [*frozen, f"output.dir={d}/concurrent"]),
+            "teacher_only": load_config("configs/debug.yaml", [*frozen, f"output.dir={d}/teacher_only"]),
+            "student_only": load_config("configs/debug.yaml", [
+                *common, "teacher.mode=online", "pseudo.score_threshold=1.0", "pseudo.anchor=false",
+                f"output.dir={d}/student"])}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=60)
@@ -51,7 +67,6 @@ def main() -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
-    from svis_ray.config import load_config
     from svis_ray.data.demo import make_demo_data
     from svis_ray.data.sparsify import sparsify
     from svis_ray.data.ytvis import YTVIS
@@ -66,29 +81,22 @@ def main() -> int:
         names = YTVIS.load(f"{d}/train.json").class_names
         teacher = f"{d}/teacher.pt"
         save_checkpoint(teacher, build_model("tiny", len(names)), names)
-        common = [f"data.root={d}", f"train.max_steps={a.steps}", "train.milestones=[]", "train.eval_every=0",
-                  f"train.checkpoint_every={a.steps}", "train.log_every=1", "train.num_workers=1",
-                  "teacher.num_teachers=1", "pseudo.score_threshold=0.5"]
         ray_init()
 
-        def with_frozen_teacher(run: str):
-            return load_config("configs/debug.yaml", [*common, "teacher.mode=frozen", f"teacher.checkpoint={teacher}",
-                                                      f"output.dir={d}/{run}"])
-
-        frozen = with_frozen_teacher("concurrent")
+        cfgs = run_configs(d, a.steps, teacher)
+        frozen = cfgs["concurrent"]
         t = time.perf_counter()
         run_training(frozen)
         t_concurrent = time.perf_counter() - t
 
         t = time.perf_counter()
         # a fresh run folder: the stream resumes from its run's progress, and "concurrent" is done
-        ds = make_dataset_factory(with_frozen_teacher("teacher_only"), 1, len(names), None, None)()
+        ds = make_dataset_factory(cfgs["teacher_only"], 1, len(names), None, None)()
         clips = sum(len(b["clip_index"]) for b in ds.iter_batches(batch_size=8, batch_format="numpy"))
         t_teacher = time.perf_counter() - t
         assert clips == a.steps * frozen.data.clips_per_step
 
-        student = load_config("configs/debug.yaml", [*common, "teacher.mode=online", "pseudo.score_threshold=1.1",
-                                                     f"output.dir={d}/student"])
+        student = cfgs["student_only"]
         t = time.perf_counter()
         run_training(student)
         t_student = time.perf_counter() - t

@@ -55,3 +55,21 @@ def test_a_recipes_own_keys_win_over_command_line_overrides(tmp_path):
     svis = recipe_config("svis_ray", "data", 1, over, tmp_path)
     assert (svis.teacher.warmup_steps, svis.pseudo.weight) == (50, 0.5)  # nothing pinned: overrides apply
     assert recipe_config("full", "data", 0, over, tmp_path).pseudo.weight == 0
+
+
+def test_concurrency_benchmark_configs_load(tmp_path):
+    """bench/concurrency.py builds its three runs from debug.yaml plus overrides; a config check
+    added later must not break them (a score threshold of 1.1 once did)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "bench" / "concurrency.py"
+    spec = importlib.util.spec_from_file_location("bench_concurrency", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfgs = bench.run_configs(str(tmp_path), 60, str(tmp_path / "teacher.pt"))
+    assert cfgs["concurrent"].teacher.mode == cfgs["teacher_only"].teacher.mode == "frozen"
+    student = cfgs["student_only"]
+    assert student.teacher.mode == "online" and not student.pseudo.anchor
+    assert student.pseudo.score_threshold == 1.0  # kept only when a score exceeds it: never
+    assert len({c.output.dir for c in cfgs.values()}) == 3
