@@ -29,8 +29,6 @@ class DataConfig:
     min_size_test: int = 360
     max_size_test: int = 1333
     flip: bool = True
-    # Photometric jitter per clip: brightness, contrast and saturation factors in [1-s, 1+s]; 0 = off
-    color_jitter: float = 0.0
     unlabelled_per_clip: int = 2  # Sparse-MinVIS: 1 labelled + 2 unlabelled frames per video and step
     unlabelled_max_gap: int = 0  # unlabelled frames within this many frames of the labelled one; 0 = any
     clips_per_step: int = 2  # clips per worker and step (a clip = the frames of one video)
@@ -254,8 +252,7 @@ def check_config(cfg: Config, source: str = "config") -> Config:
     p = cfg.pseudo
     unit = {"pseudo.score_threshold": p.score_threshold, "pseudo.anchor_iou": p.anchor_iou,
             "pseudo.anchor_score_threshold": p.anchor_score_threshold,
-            "pseudo.background_weight": p.background_weight, "teacher.ema_momentum": cfg.teacher.ema_momentum,
-            "data.color_jitter": cfg.data.color_jitter}
+            "pseudo.background_weight": p.background_weight, "teacher.ema_momentum": cfg.teacher.ema_momentum}
     for key, value in unit.items():
         if not 0.0 <= value <= 1.0:
             raise SvisError(f"{source}: {key} must lie in [0, 1], got {value}")

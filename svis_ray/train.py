@@ -351,7 +351,7 @@ def make_dataset_factory(cfg: Config, world_size: int, num_classes: int, store_n
         rows = clip_rows(train, cfg.data.root, num_clips(cfg, world_size), 1 + cfg.data.unlabelled_per_clip,
                          cfg.train.seed, first_clip=first, max_gap=cfg.data.unlabelled_max_gap)
         dcfg = DecodeConfig(tuple(cfg.data.min_size_train), cfg.data.max_size_train, cfg.data.flip,
-                            cfg.data.on_bad_frame, cfg.train.seed, cfg.data.color_jitter)
+                            cfg.data.on_bad_frame, cfg.train.seed)
         # One block per step: blocks stay small and arrive roughly in step order.
         ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // per_step))
         ds = ds.map(decode_clip, fn_kwargs={"cfg": dcfg}, num_cpus=cfg.data.decode_cpus,

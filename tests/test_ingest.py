@@ -73,25 +73,6 @@ def test_decode_clip_resizes_frames_and_masks_together(sparse, demo_root):
         assert np.array_equal(flipped["gt_masks"], same["gt_masks"][:, :, ::-1])
 
 
-def test_color_jitter_changes_pixels_only_and_is_seeded(sparse, demo_root):
-    row = clip_rows(sparse, str(demo_root), 1, 3, seed=0)[0]
-    plain = decode_clip(row, decode_cfg())
-    a = decode_clip(row, decode_cfg(color_jitter=0.4))
-    assert a["image"].shape == plain["image"].shape and not np.array_equal(a["image"], plain["image"])
-    assert np.array_equal(a["gt_masks"], plain["gt_masks"])  # labels do not move
-    assert np.array_equal(a["image"], decode_clip(row, decode_cfg(color_jitter=0.4))["image"])
-    # one draw per clip: every frame gets the same brightness factor, so frame means keep their order
-    means, plain_means = a["image"].mean((1, 2, 3)), plain["image"].mean((1, 2, 3))
-    assert (np.argsort(means) == np.argsort(plain_means)).all()
-
-
-def test_color_jitter_out_of_range_is_a_config_error():
-    from svis_ray.config import load_config
-
-    with pytest.raises(SvisError, match=r"data.color_jitter must lie in \[0, 1\], got 1.5"):
-        load_config(None, ["data.color_jitter=1.5"])
-
-
 def test_collate_pads_to_32_and_splits_targets(sparse, demo_root):
     rows = [decode_clip(r, decode_cfg()) for r in clip_rows(sparse, str(demo_root), 2, 3, seed=0)]
     batch = {}

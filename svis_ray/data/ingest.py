@@ -119,20 +119,6 @@ class DecodeConfig:
     flip: bool
     on_bad_frame: str  # "fail" | "skip"
     seed: int
-    color_jitter: float = 0.0  # see DataConfig.color_jitter
-
-
-def jitter(images: np.ndarray, rng: np.random.Generator, s: float) -> None:
-    """Scale brightness, contrast and saturation of uint8 [F,h,w,3] frames in place, one draw of
-    factors in [1-s, 1+s] per clip (the whole clip changes together, as with a camera's exposure)."""
-    b, c, sat = rng.uniform(1 - s, 1 + s, size=3)
-    x = images.astype(np.float32) * b
-    mean = x.mean(axis=(1, 2, 3), keepdims=True)
-    x = (x - mean) * c + mean
-    gray = x @ np.array([0.299, 0.587, 0.114], np.float32)
-    x = (x - gray[..., None]) * sat + gray[..., None]
-    np.clip(x, 0, 255, out=x)
-    images[:] = x.astype(np.uint8)
 
 
 def decode_clip(row: dict[str, Any], cfg: DecodeConfig) -> dict[str, Any]:
@@ -178,8 +164,6 @@ def decode_clip(row: dict[str, Any], cfg: DecodeConfig) -> dict[str, Any]:
             labels += [g["label"] for g in gt]
         idx.append(int(t))
         labelled.append(gt is not None)
-    if cfg.color_jitter:
-        jitter(image[: len(idx)], rng, cfg.color_jitter)
     return {
         "clip_index": int(row["clip_index"]),
         "video_id": int(row["video_id"]),
