@@ -46,15 +46,16 @@ def timeline(rows: list[dict], out: Path) -> None:
 def run_configs(d: str, steps: int, teacher: str) -> dict:
     """The three runs' configs (data in ``d``, frozen teacher checkpoint ``teacher``)."""
     from svis_ray.config import load_config
+    from svis_ray.demo_job import DEBUG_CONFIG
 
     common = [f"data.root={d}", f"train.max_steps={steps}", "train.milestones=[]", "train.eval_every=0",
               f"train.checkpoint_every={steps}", "train.log_every=1", "train.num_workers=1",
               "teacher.num_teachers=1", "pseudo.score_threshold=0.5"]
     frozen = [*common, "teacher.mode=frozen", f"teacher.checkpoint={teacher}"]
     # student-only keeps no pseudo-label (scores never exceed 1) but does the same training work
-    return {"concurrent": load_config("configs/debug.yaml", [*frozen, f"output.dir={d}/concurrent"]),
-            "teacher_only": load_config("configs/debug.yaml", [*frozen, f"output.dir={d}/teacher_only"]),
-            "student_only": load_config("configs/debug.yaml", [
+    return {"concurrent": load_config(DEBUG_CONFIG, [*frozen, f"output.dir={d}/concurrent"]),
+            "teacher_only": load_config(DEBUG_CONFIG, [*frozen, f"output.dir={d}/teacher_only"]),
+            "student_only": load_config(DEBUG_CONFIG, [
                 *common, "teacher.mode=online", "pseudo.score_threshold=1.0", "pseudo.anchor=false",
                 f"output.dir={d}/student"])}
 
@@ -96,9 +97,8 @@ def main() -> int:
         t_teacher = time.perf_counter() - t
         assert clips == a.steps * frozen.data.clips_per_step
 
-        student = cfgs["student_only"]
         t = time.perf_counter()
-        run_training(student)
+        run_training(cfgs["student_only"])
         t_student = time.perf_counter() - t
         with open(f"{d}/concurrent/metrics.csv") as f:
             timeline(list(csv.DictReader(f)), out / "concurrency_timeline.png")

@@ -13,8 +13,8 @@ The goal (>= 0.9) is on steady-state throughput: frames/s after the first 10% of
 have arrived, measured the same way on both sides. A training stream is one Ray Data execution
 that runs for hours, so what happens at its start is paid once; and Ray Data 2.60 admits no
 task for about the first second of every execution (its CPU budget is 0 until the resource
-limits, refreshed once a second, first arrive), which would otherwise be a fifth of a 4,000-frame
-run. The end-to-end ratio, start included, is printed next to it.
+limits, refreshed once a second, first arrive). The end-to-end ratio, start included, is
+printed next to it.
 """
 from __future__ import annotations
 

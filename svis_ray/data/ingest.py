@@ -135,7 +135,7 @@ def decode_clip(row: dict[str, Any], cfg: DecodeConfig) -> dict[str, Any]:
     shape = resized_shape(int(row["height"]), int(row["width"]), short, cfg.max_size)
     gts = json.loads(row["gt_json"])
     h, w = shape
-    # Frames go straight into the output array (no per-frame copies and no final stack).
+    # Frames are written straight into the output array: no contiguous copy per frame, no final stack.
     image = np.empty((len(row["paths"]), h, w, 3), np.uint8)
     idx, labelled, masks, frames, labels = [], [], [], [], []
     bad = 0
