@@ -101,6 +101,28 @@ def cmd_benchmark(a: argparse.Namespace) -> None:
         raise SvisError(f"{a.out}/accuracy.json: benchmark goals missed (see the table above)")
 
 
+def cmd_pseudo_quality(a: argparse.Namespace) -> None:
+    from svis_ray.config import load_config
+    from svis_ray.eval.pseudo_quality import format_quality, pseudo_quality
+    from svis_ray.io import write_json
+    from svis_ray.model import load_checkpoint
+
+    cfg = load_config(a.config, a.overrides)
+    model, _ = load_checkpoint(a.checkpoint)
+    report = pseudo_quality(cfg, model, a.gt, thresholds=a.thresholds, max_videos=a.videos, iou=a.iou)
+    print(format_quality(report))
+    if a.out:
+        write_json(a.out, report, indent=1)
+        print(f"wrote {a.out}")
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, e.g. 0.8,0.9, got {text!r}") from None
+
+
 def cmd_tune(a: argparse.Namespace) -> None:
     from svis_ray.tuning import run_sweep
 
@@ -168,6 +190,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="overrides on configs/debug.yaml for all runs")
     s.set_defaults(func=cmd_benchmark)
+
+    s = sub.add_parser("pseudo-quality", help="precision/recall of a checkpoint's pseudo-labels against full labels")
+    s.add_argument("--config", required=True, help="training config: data.root, data.train_json (sparse), pseudo.*")
+    s.add_argument("--checkpoint", required=True, help="svis-ray checkpoint used as the teacher")
+    s.add_argument("--gt", required=True, help="the training split's full annotation JSON (under data.root if relative)")
+    s.add_argument("--thresholds", type=_floats, default=None, help="extra pseudo.score_threshold values, e.g. 0.8,0.9")
+    s.add_argument("--videos", type=int, default=None, help="score only the first N videos")
+    s.add_argument("--iou", type=float, default=0.5, help="mask IoU at which a pseudo-label counts as correct")
+    s.add_argument("--out", default=None, help="write the report as JSON here")
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. pseudo.anchor=false")
+    s.set_defaults(func=cmd_pseudo_quality)
 
     s = sub.add_parser("predict", help="predict tracks for a YTVIS split, a frame folder or a video file")
     s.add_argument("input", help="YTVIS JSON (e.g. valid.json), a folder of frames, or a video file")
