@@ -53,6 +53,15 @@ def teacher_device() -> torch.device:
     return torch.device("cpu")
 
 
+def padded_frames(image: np.ndarray) -> torch.Tensor:
+    """uint8 frames [F,h,w,3] -> the model's input [F,3,H,W], zero-padded to multiples of 32."""
+    f, h, w = image.shape[:3]
+    hp, wp = pad_to_multiple(h, w)
+    x = torch.zeros(f, 3, hp, wp, dtype=torch.uint8)
+    x[:, :, :h, :w] = torch.tensor(image).permute(0, 3, 1, 2)  # copy: Ray hands read-only arrays
+    return x
+
+
 class Teacher:
     """Pseudo-labels a batch of decoded clips (see ``data.ingest.decode_clip`` for the columns).
 
@@ -136,9 +145,7 @@ class Teacher:
         for c in range(len(batch["clip_index"])):
             image = batch["image"][c]  # [F,h,w,3]
             f, h, w = image.shape[:3]
-            hp, wp = pad_to_multiple(h, w)
-            x = torch.zeros(f, 3, hp, wp, dtype=torch.uint8)
-            x[:, :, :h, :w] = torch.tensor(image).permute(0, 3, 1, 2)  # copy: Ray hands read-only arrays
+            x = padded_frames(image)
             frames = []
             window = max(1, self.cfg.teacher.window)
             for s in range(0, f, window):  # bounded memory on long clips

@@ -27,10 +27,12 @@ from scipy.optimize import linear_sum_assignment
 
 from svis_ray.config import Config
 from svis_ray.data.ingest import DecodeConfig, decode_clip, load_split, resolve
-from svis_ray.data.transforms import pad_to_multiple, resize_masks
+from svis_ray.data.transforms import resize_masks
 from svis_ray.data.ytvis import YTVIS
 from svis_ray.errors import SvisError
 from svis_ray.pseudo import FramePseudo, pseudo_label_clip
+from svis_ray.teacher import padded_frames
+from svis_ray.tracking import mask_iou
 
 
 def match_frame(pred_masks: np.ndarray, pred_labels: np.ndarray, gt_masks: np.ndarray,
@@ -44,11 +46,7 @@ def match_frame(pred_masks: np.ndarray, pred_labels: np.ndarray, gt_masks: np.nd
     p, m = len(pred_masks), len(gt_masks)
     if p == 0 or m == 0:
         return np.zeros(p, bool), np.zeros(p)
-    a = pred_masks.reshape(p, -1).astype(np.float32)
-    b = gt_masks.reshape(m, -1).astype(np.float32)
-    inter = a @ b.T
-    union = a.sum(1)[:, None] + b.sum(1)[None] - inter
-    ious = inter / np.maximum(union, 1.0)
+    ious = mask_iou(torch.from_numpy(pred_masks), torch.from_numpy(gt_masks)).numpy()
     same = ious * (np.asarray(pred_labels)[:, None] == np.asarray(gt_labels)[None])
     rows, cols = linear_sum_assignment(-same)
     correct = np.zeros(p, bool)
@@ -137,30 +135,33 @@ def pseudo_quality(cfg: Config, model: torch.nn.Module, full_json: str, threshol
         if not labelled:
             continue
         anchor = labelled[len(labelled) // 2]
-        for t in range(video["length"]):
+        # The model sees one frame at a time, so every frame is decoded and run once and each
+        # (anchor, t) clip is cut from the video's outputs; the anchor's ground truth rides along.
+        row = {"clip_index": 0, "video_id": vid, "height": video["height"], "width": video["width"],
+               "frame_idx": list(range(video["length"])),
+               "paths": [resolve(cfg.data.root, "JPEGImages/" + name) for name in video["file_names"]],
+               "gt_json": json.dumps([sparse.annotations_on_frame(vid, anchor) if t == anchor else None
+                                      for t in range(video["length"])])}
+        decoded = decode_clip(row, dcfg)
+        image = decoded["image"]
+        n, h, w = image.shape[:3]
+        x = padded_frames(image)
+        window = max(1, cfg.teacher.window)
+        chunks = [model(x[i:i + window].to(device)) for i in range(0, n, window)]
+        video_out = {k: torch.cat([c[k] for c in chunks]) for k in ("pred_logits", "pred_masks", "pred_embds")}
+        for t in range(n):
             if t in labelled:
                 continue
             clip = sorted([anchor, t])
-            row = {"clip_index": 0, "video_id": vid, "height": video["height"], "width": video["width"],
-                   "frame_idx": clip,
-                   "paths": [resolve(cfg.data.root, "JPEGImages/" + video["file_names"][f]) for f in clip],
-                   "gt_json": json.dumps([sparse.annotations_on_frame(vid, f) if f == anchor else None
-                                          for f in clip])}
-            decoded = decode_clip(row, dcfg)
-            image = decoded["image"]
-            f, h, w = image.shape[:3]
-            hp, wp = pad_to_multiple(h, w)
-            x = torch.zeros(f, 3, hp, wp, dtype=torch.uint8)
-            x[:, :, :h, :w] = torch.from_numpy(image).permute(0, 3, 1, 2)
-            out = model(x.to(device))
-            outputs = {k: out[k] for k in ("pred_logits", "pred_masks", "pred_embds")}
+            slot = clip.index(t)
+            outputs = {k: v[clip] for k, v in video_out.items()}
+            gt_frame = np.full(len(decoded["gt_frame"]), clip.index(anchor))
             gt_masks, gt_labels = frame_gt(full, vid, t, (h, w))
             frames += 1
             gt_instances += len(gt_masks)
-            slot = clip.index(t)
             for name, pcfg in variants.items():
-                fp = pseudo_label_clip(outputs, (h, w), decoded["labelled"], decoded["gt_masks"],
-                                       decoded["gt_frame"], decoded["gt_labels"], pcfg)[slot]
+                fp = pseudo_label_clip(outputs, (h, w), decoded["labelled"][clip], decoded["gt_masks"],
+                                       gt_frame, decoded["gt_labels"], pcfg)[slot]
                 correct, ious = match_frame(fp.masks, fp.labels, gt_masks, gt_labels, iou)
                 tallies[name].add(fp, correct, ious, abs(t - anchor))
     if not frames:
