@@ -1,7 +1,8 @@
 """The sparse-supervision claim, measured: four training recipes on the demo data, same seeds
 and step budget, evaluated on the held-out demo videos.
 
-    svis-ray benchmark [--out bench_out] [--seeds 0,1,2] [key=value ...]   (or python bench/accuracy.py)
+    svis-ray benchmark [--out bench_out] [--seeds 0,1,2] [--recipes a,b --reuse OLD/accuracy.json]
+                      [key=value ...]                                  (or python bench/accuracy.py)
 
   full            every frame labelled (the fully supervised reference)
   labelled_only   one labelled frame per video (MinVIS "1%": the middle frame), nothing else
@@ -15,9 +16,17 @@ every recipe, but a recipe's own keys (above) win: they are what defines it. Wri
 ({recipe: {"seeds": {seed: metrics}, "mean": ..., "std": ...}}) and DIR/accuracy.png, prints the
 table, and exits 2 (one error line) unless svis_ray >= 0.9 x full, svis_ray >= labelled_only + 5 AP and
 svis_ray > sparse_minvis (mean AP).
+
+Each recipe's entry also records its resolved config and a hash of the demo data, so that
+``--recipes svis_ray --reuse OLD/accuracy.json`` can retrain only the recipe being changed (an
+hour less on 2 cores) and take the others from OLD, which is refused, naming the differing keys,
+unless they would be trained exactly as before (same config, seeds and data; the training code
+itself is not compared, so reuse only results of the same code).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -79,34 +88,98 @@ def recipe_config(name: str, data: str, seed: int, overrides: list[str], out_dir
                                       f"output.dir={out_dir}/runs/{name}_seed{seed}"])
 
 
-def run(out: str, seeds: list[int], overrides: list[str]) -> int:
+def comparable(cfg) -> dict:
+    """A recipe's config as the keys that decide its result: without paths, seed and progress bar,
+    and without the EMA settings when there is no EMA teacher (they do nothing then)."""
+    flat = {f"{section}.{k}": v for section, values in cfg.to_dict().items() for k, v in values.items()}
+    for key in ("data.root", "train.seed", "output.dir", "output.progress_bar"):
+        flat.pop(key)
+    if flat["teacher.mode"] != "ema":
+        flat.pop("teacher.ema_momentum"), flat.pop("teacher.publish_every")
+    return json.loads(json.dumps(flat))  # as it reads back from accuracy.json (tuples -> lists)
+
+
+def data_fingerprint(data: str) -> str:
+    """sha256 of the demo data's annotation files (the frames are generated with them); the
+    sparse split's record of where its source lives is left out (a new temporary folder per run)."""
+    h = hashlib.sha256()
+    for name in ("train.json", "val.json"):
+        h.update(Path(data, name).read_bytes())
+    sparse = json.loads(Path(data, "train_1frame.json").read_text())
+    sparse.get("sparse", {}).pop("source", None)
+    h.update(json.dumps(sparse, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def reused(path: str, name: str, seeds: list[int], config: dict, fingerprint: str) -> dict:
+    """Recipe ``name``'s seeds from an earlier accuracy.json, if measured the same way; else SvisError."""
+    from svis_ray.io import read_json
+
+    prev = read_json(path).get(name)
+    if not isinstance(prev, dict) or "config" not in prev or "data_sha256" not in prev:
+        raise SvisError(f"{path}: no reusable {name} entry (files written before --reuse existed "
+                        f"record no config); rerun it with --recipes")
+    missing = [s for s in seeds if str(s) not in prev["seeds"]]
+    if missing:
+        raise SvisError(f"{path}: {name} has no result for seed(s) {missing}; rerun it with --recipes")
+    if prev["data_sha256"] != fingerprint:
+        raise SvisError(f"{path}: {name} was measured on different demo data; rerun it with --recipes")
+    diff = sorted(k for k in config.keys() | prev["config"].keys() if config.get(k) != prev["config"].get(k))
+    if diff:
+        raise SvisError(f"{path}: {name} was measured with a different config ({', '.join(diff)}); "
+                        f"rerun it with --recipes")
+    return {"seeds": {str(s): prev["seeds"][str(s)] for s in seeds}, "config": config,
+            "data_sha256": fingerprint, "reused_from": str(path)}
+
+
+def run(out: str, seeds: list[int], overrides: list[str], recipes: list[str] | None = None,
+        reuse: str | None = None) -> int:
+    """Train and evaluate ``recipes`` (default: all) for every seed; with ``reuse``, take the other
+    recipes from that accuracy.json when their config and data match (else a one-line error)."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from svis_ray.data.demo import make_demo_data
     from svis_ray.data.sparsify import sparsify
     from svis_ray.io import write_json
     from svis_ray.train import run_training
 
+    recipes = list(RECIPES) if recipes is None else recipes
+    unknown = [r for r in recipes if r not in RECIPES]
+    if unknown:
+        raise SvisError(f"--recipes: unknown recipe(s) {unknown}; choose from {', '.join(RECIPES)}")
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results: dict[str, dict] = {name: {"seeds": {}} for name in RECIPES}
+    results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as data:
         make_demo_data(data)
         sparsify(f"{data}/train.json", f"{data}/train_1frame.json", strategy="middle")
+        fingerprint = data_fingerprint(data)
+        for name in RECIPES:  # check every reused recipe before hours of training
+            config = comparable(recipe_config(name, data, seeds[0], overrides, out_dir))
+            if name in recipes:
+                results[name] = {"seeds": {}, "config": config, "data_sha256": fingerprint}
+            elif reuse:
+                results[name] = reused(reuse, name, seeds, config, fingerprint)
+        summarize(results)
         for seed in seeds:
-            for name in RECIPES:
+            for name in recipes:
                 metrics = run_training(recipe_config(name, data, seed, overrides, out_dir))["metrics"]
                 results[name]["seeds"][str(seed)] = {k: metrics[k] for k in KEYS}
                 print(f"{name} seed {seed}: AP {100 * metrics['AP']:.1f}", flush=True)
                 # after every run, so a stopped benchmark keeps what it measured
                 write_json(out_dir / "accuracy.json", summarize(results), indent=1)
+    write_json(out_dir / "accuracy.json", summarize(results), indent=1)
     bar_chart(results, out_dir / "accuracy.png")
     print(f"{'recipe':<15}" + "".join(f"{k:>14}" for k in KEYS))
     for name, r in results.items():
-        print(f"{name:<15}" + "".join(f"{100 * r['mean'][k]:>8.1f} ±{100 * r['std'][k]:4.1f}" for k in KEYS))
+        print(f"{name:<15}" + "".join(f"{100 * r['mean'][k]:>8.1f} ±{100 * r['std'][k]:4.1f}" for k in KEYS)
+              + ("  (reused)" if "reused_from" in r else ""))
+    print(f"wrote {out_dir / 'accuracy.json'} and {out_dir / 'accuracy.png'}")
+    if len(results) < len(RECIPES):
+        print(f"goals not checked: they need all of {', '.join(RECIPES)} (--reuse an earlier accuracy.json)")
+        return 0
     checks = goals(results)
     for text, ok in checks.items():
         print(f"{'PASS' if ok else 'FAIL'}: {text}")
-    print(f"wrote {out_dir / 'accuracy.json'} and {out_dir / 'accuracy.png'}")
     return 0 if all(checks.values()) else 1
 
 

@@ -97,7 +97,8 @@ def cmd_predict(a: argparse.Namespace) -> None:
 def cmd_benchmark(a: argparse.Namespace) -> None:
     from svis_ray.benchmark import parse_seeds, run
 
-    if run(a.out, parse_seeds(a.seeds), a.overrides) != 0:
+    recipes = [r for r in a.recipes.split(",") if r] if a.recipes else None
+    if run(a.out, parse_seeds(a.seeds), a.overrides, recipes=recipes, reuse=a.reuse) != 0:
         raise SvisError(f"{a.out}/accuracy.json: benchmark goals missed (see the table above)")
 
 
@@ -188,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("benchmark", help="accuracy benchmark: full vs 1 frame vs Sparse-MinVIS vs svis-ray")
     s.add_argument("--out", default="bench_out")
     s.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
+    s.add_argument("--recipes", default=None, help="train only these, e.g. svis_ray (default: all four)")
+    s.add_argument("--reuse", default=None, metavar="ACCURACY_JSON",
+                   help="take the recipes not trained from this earlier result, if trained the same way")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="overrides on configs/debug.yaml for all runs")
     s.set_defaults(func=cmd_benchmark)
 

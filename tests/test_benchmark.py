@@ -73,3 +73,57 @@ def test_concurrency_benchmark_configs_load(tmp_path):
     assert student.teacher.mode == "online" and not student.pseudo.anchor
     assert student.pseudo.score_threshold == 1.0  # kept only when a score exceeds it: never
     assert len({c.output.dir for c in cfgs.values()}) == 3
+
+
+def test_ema_settings_do_not_count_for_recipes_without_an_ema_teacher(tmp_path):
+    from svis_ray.benchmark import comparable, recipe_config
+
+    svis = comparable(recipe_config("svis_ray", "a", 0, [], tmp_path))
+    assert svis["teacher.mode"] == "ema" and "teacher.ema_momentum" in svis
+    assert "data.root" not in svis and "train.seed" not in svis and "output.dir" not in svis
+    sm = [comparable(recipe_config("sparse_minvis", root, seed, [f"teacher.ema_momentum={m}"], tmp_path / root))
+          for root, seed, m in (("a", 0, 0.9), ("b", 1, 0.5))]
+    assert sm[0] == sm[1]  # another folder, seed and EMA momentum: trained the same way
+    assert comparable(recipe_config("sparse_minvis", "a", 0, ["train.lr=0.01"], tmp_path)) != sm[0]
+
+
+def test_reuse_takes_only_results_trained_the_same_way(tmp_path):
+    import json
+
+    from svis_ray.benchmark import comparable, recipe_config, reused, run
+    from svis_ray.data.demo import make_demo_data
+    from svis_ray.data.sparsify import sparsify
+    from svis_ray.errors import SvisError
+
+    data = tmp_path / "data"
+    make_demo_data(data)
+    sparsify(f"{data}/train.json", f"{data}/train_1frame.json", strategy="middle")
+    from svis_ray.benchmark import data_fingerprint
+
+    old = tmp_path / "old" / "accuracy.json"
+    old.parent.mkdir()
+    prev = summarize({name: seeds(*(0.1 * (i + 1) + 0.01 * s for s in range(3))) for i, name in enumerate(RECIPES)})
+    for name in RECIPES:
+        prev[name].update(config=comparable(recipe_config(name, str(data), 0, [], tmp_path)),
+                          data_sha256=data_fingerprint(str(data)))
+    old.write_text(json.dumps(prev))
+
+    # nothing to train: every recipe comes from the old file, on freshly generated demo data
+    assert run(str(tmp_path / "new"), [0, 2], [], recipes=[], reuse=str(old)) == 0  # these numbers meet the goals
+    new = json.loads((tmp_path / "new" / "accuracy.json").read_text())
+    assert list(new) == list(RECIPES) and list(new["full"]["seeds"]) == ["0", "2"]
+    assert new["svis_ray"]["mean"]["AP"] == pytest.approx(0.41) and new["full"]["reused_from"] == str(old)
+
+    config, fp = prev["full"]["config"], prev["full"]["data_sha256"]
+    with pytest.raises(SvisError, match=r"different config \(train.lr\)"):
+        reused(str(old), "full", [0], {**config, "train.lr": 0.5}, fp)
+    with pytest.raises(SvisError, match="different demo data"):
+        reused(str(old), "full", [0], config, "0" * 64)
+    with pytest.raises(SvisError, match=r"no result for seed\(s\) \[3\]"):
+        reused(str(old), "full", [0, 3], config, fp)
+    del prev["full"]["config"]
+    old.write_text(json.dumps(prev))
+    with pytest.raises(SvisError, match="no reusable full entry"):
+        reused(str(old), "full", [0], config, fp)
+    with pytest.raises(SvisError, match="unknown recipe"):
+        run(str(tmp_path / "new"), [0], [], recipes=["svis"], reuse=str(old))
