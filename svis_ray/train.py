@@ -104,6 +104,7 @@ class _Window:
         self.steps = 0
         self.frames = 0
         self.t0 = time.perf_counter()
+        self.start = time.time()  # wall clock, comparable with the teachers' teacher_time
 
     def add(self, values: dict[str, float], frames: int) -> None:
         for k, v in values.items():
@@ -114,6 +115,7 @@ class _Window:
     def means(self) -> dict[str, float]:
         out = {k: v / max(1, self.steps) for k, v in self.sums.items()}
         out["frames_per_s"] = self.frames / max(1e-9, time.perf_counter() - self.t0)
+        out["window_start"] = self.start
         return out
 
 
