@@ -146,6 +146,8 @@ def run(out: str, seeds: list[int], overrides: list[str], recipes: list[str] | N
     unknown = [r for r in recipes if r not in RECIPES]
     if unknown:
         raise SvisError(f"--recipes: unknown recipe(s) {unknown}; choose from {', '.join(RECIPES)}")
+    if reuse and set(recipes) == set(RECIPES):
+        raise SvisError(f"--reuse {reuse}: every recipe would be retrained; name the ones to retrain with --recipes")
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}

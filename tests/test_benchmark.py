@@ -90,7 +90,7 @@ def test_ema_settings_do_not_count_for_recipes_without_an_ema_teacher(tmp_path):
 def test_reuse_takes_only_results_trained_the_same_way(tmp_path):
     import json
 
-    from svis_ray.benchmark import comparable, recipe_config, reused, run
+    from svis_ray.benchmark import comparable, data_fingerprint, recipe_config, reused, run
     from svis_ray.data.demo import make_demo_data
     from svis_ray.data.sparsify import sparsify
     from svis_ray.errors import SvisError
@@ -98,8 +98,6 @@ def test_reuse_takes_only_results_trained_the_same_way(tmp_path):
     data = tmp_path / "data"
     make_demo_data(data)
     sparsify(f"{data}/train.json", f"{data}/train_1frame.json", strategy="middle")
-    from svis_ray.benchmark import data_fingerprint
-
     old = tmp_path / "old" / "accuracy.json"
     old.parent.mkdir()
     prev = summarize({name: seeds(*(0.1 * (i + 1) + 0.01 * s for s in range(3))) for i, name in enumerate(RECIPES)})
@@ -127,3 +125,5 @@ def test_reuse_takes_only_results_trained_the_same_way(tmp_path):
         reused(str(old), "full", [0], config, fp)
     with pytest.raises(SvisError, match="unknown recipe"):
         run(str(tmp_path / "new"), [0], [], recipes=["svis"], reuse=str(old))
+    with pytest.raises(SvisError, match="every recipe would be retrained"):
+        run(str(tmp_path / "new"), [0], [], recipes=None, reuse=str(old))
