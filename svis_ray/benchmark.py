@@ -161,7 +161,6 @@ def run(out: str, seeds: list[int], overrides: list[str], recipes: list[str] | N
                 results[name] = {"seeds": {}, "config": config, "data_sha256": fingerprint}
             elif reuse:
                 results[name] = reused(reuse, name, seeds, config, fingerprint)
-        summarize(results)
         for seed in seeds:
             for name in recipes:
                 metrics = run_training(recipe_config(name, data, seed, overrides, out_dir))["metrics"]

@@ -62,6 +62,19 @@ def padded_frames(image: np.ndarray) -> torch.Tensor:
     return x
 
 
+def forward_frames(model: torch.nn.Module, image: np.ndarray, window: int, device: torch.device
+                   ) -> dict[str, torch.Tensor]:
+    """pred_logits / pred_masks / pred_embds for uint8 frames [F,h,w,3] (F >= 1), run ``window``
+    frames at a time: bounded memory on long clips, and the rest of each output is dropped early."""
+    x = padded_frames(image)
+    window = max(1, window)
+    chunks = []
+    for s in range(0, len(x), window):
+        o = model(x[s:s + window].to(device))
+        chunks.append({k: o[k] for k in ("pred_logits", "pred_masks", "pred_embds")})
+    return {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
+
+
 class Teacher:
     """Pseudo-labels a batch of decoded clips (see ``data.ingest.decode_clip`` for the columns).
 
@@ -145,13 +158,7 @@ class Teacher:
         for c in range(len(batch["clip_index"])):
             image = batch["image"][c]  # [F,h,w,3]
             f, h, w = image.shape[:3]
-            x = padded_frames(image)
-            frames = []
-            window = max(1, self.cfg.teacher.window)
-            for s in range(0, f, window):  # bounded memory on long clips
-                o = self.model(x[s:s + window].to(self.device))
-                frames.append({k: o[k] for k in ("pred_logits", "pred_masks", "pred_embds")})
-            outputs = {k: torch.cat([fr[k] for fr in frames]) for k in frames[0]} if f else None
+            outputs = forward_frames(self.model, image, self.cfg.teacher.window, self.device) if f else None
             per_frame = [] if outputs is None else pseudo_label_clip(
                 outputs, (h, w), batch["labelled"][c], batch["gt_masks"][c], batch["gt_frame"][c],
                 batch["gt_labels"][c], pcfg)

@@ -31,7 +31,7 @@ from svis_ray.data.transforms import resize_masks
 from svis_ray.data.ytvis import YTVIS
 from svis_ray.errors import SvisError
 from svis_ray.pseudo import FramePseudo, pseudo_label_clip
-from svis_ray.teacher import padded_frames
+from svis_ray.teacher import forward_frames
 from svis_ray.tracking import mask_iou
 
 
@@ -145,10 +145,7 @@ def pseudo_quality(cfg: Config, model: torch.nn.Module, full_json: str, threshol
         decoded = decode_clip(row, dcfg)
         image = decoded["image"]
         n, h, w = image.shape[:3]
-        x = padded_frames(image)
-        window = max(1, cfg.teacher.window)
-        chunks = [model(x[i:i + window].to(device)) for i in range(0, n, window)]
-        video_out = {k: torch.cat([c[k] for c in chunks]) for k in ("pred_logits", "pred_masks", "pred_embds")}
+        video_out = forward_frames(model, image, cfg.teacher.window, device)
         for t in range(n):
             if t in labelled:
                 continue
