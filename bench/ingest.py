@@ -29,7 +29,7 @@ from multiprocessing import Pool
 import numpy as np
 
 from svis_ray.data.demo import make_demo_data
-from svis_ray.data.ingest import DecodeConfig, clip_rows, decode_clip, load_split
+from svis_ray.data.ingest import DecodeConfig, clip_rows, decode_clip, load_split, throttled
 
 GOAL = 0.9
 FRAMES_PER_CLIP = 4
@@ -61,7 +61,7 @@ def with_ray(rows: list[dict], cfg: DecodeConfig, cores: int) -> tuple[float, fl
     # As in training (svis_ray.train.make_dataset_factory): small blocks of a few clips each.
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // 8))
     ds = ds.map(decode_clip, fn_kwargs={"cfg": cfg}, num_cpus=1, compute=ray.data.TaskPoolStrategy(size=cores))
-    for out in ds.iter_rows():
+    for out in throttled(ds).iter_rows():
         arrivals.append((time.perf_counter(), len(out["frame_idx"])))
     return rates(arrivals, start)
 

@@ -338,7 +338,7 @@ def make_dataset_factory(cfg: Config, world_size: int, num_classes: int, store_n
                          namespace: str | None):
     """A zero-arg callable building the training stream; Train calls it at every worker-group
     start, so a restart rebuilds the pipeline from the last checkpointed step."""
-    from svis_ray.data.ingest import DecodeConfig, clip_rows, decode_clip, load_split
+    from svis_ray.data.ingest import DecodeConfig, clip_rows, decode_clip, load_split, throttled
     from svis_ray.teacher import Teacher
 
     out_dir = str(run_dir(cfg))
@@ -365,7 +365,7 @@ def make_dataset_factory(cfg: Config, world_size: int, num_classes: int, store_n
                                                        "store_dir": store_dir},
                                 num_gpus=cfg.teacher.gpus_per_teacher, num_cpus=0,
                                 compute=ray.data.ActorPoolStrategy(size=cfg.teacher.num_teachers))
-        return ds
+        return throttled(ds)
 
     return factory
 

@@ -90,14 +90,11 @@ def test_ema_settings_do_not_count_for_recipes_without_an_ema_teacher(tmp_path):
 def test_reuse_takes_only_results_trained_the_same_way(tmp_path):
     import json
 
-    from svis_ray.benchmark import comparable, data_fingerprint, recipe_config, reused, run
-    from svis_ray.data.demo import make_demo_data
-    from svis_ray.data.sparsify import sparsify
+    from svis_ray.benchmark import comparable, data_fingerprint, make_benchmark_data, recipe_config, reused, run
     from svis_ray.errors import SvisError
 
     data = tmp_path / "data"
-    make_demo_data(data)
-    sparsify(f"{data}/train.json", f"{data}/train_1frame.json", strategy="middle")
+    make_benchmark_data(data)
     old = tmp_path / "old" / "accuracy.json"
     old.parent.mkdir()
     prev = summarize({name: seeds(*(0.1 * (i + 1) + 0.01 * s for s in range(3))) for i, name in enumerate(RECIPES)})
