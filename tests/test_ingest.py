@@ -1,5 +1,5 @@
-"""Ingest pieces: clip sampling, decode/transform, collate, URI roots, bad frames (no Ray), and the
-scheduling-loop throttle on the training stream."""
+"""Ingest pieces without Ray: clip sampling, decode/transform, collate, URI roots, bad frames, and
+the scheduling-loop throttle (its use on the training stream is tested in test_pipeline.py)."""
 import json
 import shutil
 
@@ -9,7 +9,7 @@ import torch
 
 from svis_ray.data.collate import ClipCollate
 from svis_ray.data import ingest
-from svis_ray.data.ingest import DecodeConfig, IdleThrottle, clip_rows, decode_clip, load_split, throttled
+from svis_ray.data.ingest import DecodeConfig, IdleThrottle, clip_rows, decode_clip, load_split
 from svis_ray.data.sparsify import sparsify
 from svis_ray.errors import SvisError
 
@@ -126,22 +126,3 @@ def test_idle_throttle_sleeps_out_only_short_steps(monkeypatch):
     throttle._last -= 1.0  # a step that waited on tasks for a second
     throttle.on_execution_step(None)
     assert len(slept) == 1
-
-
-@pytest.mark.timeout(120)
-def test_training_stream_carries_the_throttle_in_its_own_context(ray_local, demo_root, tmp_path):
-    import ray
-
-    from svis_ray.config import load_config
-    from svis_ray.demo_job import DEBUG_CONFIG
-    from svis_ray.train import make_dataset_factory
-
-    sparsify(str(demo_root / "train.json"), str(tmp_path / "train_1frame.json"), strategy="middle")
-    cfg = load_config(DEBUG_CONFIG, [f"data.root={demo_root}", f"data.train_json={tmp_path / 'train_1frame.json'}",
-                                     f"output.dir={tmp_path / 'run'}"])
-    ds = make_dataset_factory(cfg, 1, 3, None, None)()
-    assert ds.context.custom_execution_callback_classes.count(IdleThrottle) == 1
-    assert throttled(ds).context.custom_execution_callback_classes.count(IdleThrottle) == 1
-    # The dataset's context is its own copy: other datasets are not throttled.
-    assert IdleThrottle not in ray.data.DataContext.get_current().custom_execution_callback_classes
-    assert IdleThrottle not in ray.data.range(3).context.custom_execution_callback_classes
