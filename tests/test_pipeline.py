@@ -190,18 +190,15 @@ def test_corrupt_frame_stops_the_run_with_its_path(sparse_root, tmp_path):
 
 # Needs the shared local Ray, so it lives here, after test_job_submit.py (see that module).
 @pytest.mark.timeout(120)
-def test_training_stream_carries_the_throttle_in_its_own_context(ray_local, demo_root, tmp_path):
+def test_training_stream_carries_the_throttle_in_its_own_context(ray_local, sparse_root, tmp_path):
     import ray
 
     from svis_ray.config import load_config
     from svis_ray.data.ingest import IdleThrottle, throttled
-    from svis_ray.data.sparsify import sparsify
     from svis_ray.demo_job import DEBUG_CONFIG
     from svis_ray.train import make_dataset_factory
 
-    sparsify(str(demo_root / "train.json"), str(tmp_path / "train_1frame.json"), strategy="middle")
-    cfg = load_config(DEBUG_CONFIG, [f"data.root={demo_root}", f"data.train_json={tmp_path / 'train_1frame.json'}",
-                                     f"output.dir={tmp_path / 'run'}"])
+    cfg = load_config(DEBUG_CONFIG, [f"data.root={sparse_root}", f"output.dir={tmp_path / 'run'}"])
     ds = make_dataset_factory(cfg, 1, 3, None, None)()
     assert ds.context.custom_execution_callback_classes.count(IdleThrottle) == 1
     assert throttled(ds).context.custom_execution_callback_classes.count(IdleThrottle) == 1
