@@ -94,12 +94,15 @@ def recipe_config(name: str, data: str, seed: int, overrides: list[str], out_dir
 
 def comparable(cfg) -> dict:
     """A recipe's config as the keys that decide its result: without paths, seed and progress bar,
-    and without the EMA settings when there is no EMA teacher (they do nothing then)."""
+    without the EMA settings when there is no EMA teacher and without ``pseudo.strong_aug`` when
+    there is no teacher at all (they do nothing then)."""
     flat = {f"{section}.{k}": v for section, values in cfg.to_dict().items() for k, v in values.items()}
     for key in ("data.root", "train.seed", "output.dir", "output.progress_bar"):
         flat.pop(key)
     if flat["teacher.mode"] != "ema":
         flat.pop("teacher.ema_momentum"), flat.pop("teacher.publish_every")
+    if flat["teacher.mode"] == "online":
+        flat.pop("pseudo.strong_aug")
     return json.loads(json.dumps(flat))  # as it reads back from accuracy.json (tuples -> lists)
 
 

@@ -110,6 +110,11 @@ class PseudoConfig:
     # student from unlearning the objects the teacher missed.
     background_weight: float = 1.0
     ramp_steps: int = 0  # lambda_pseudo ramps linearly from 0 over the first N steps
+    # Colour jitter, greyscale and blur on the student's copy of each teacher-labelled frame (the
+    # teacher saw it clean): the student learns the teacher's labels under noise, as in Mean
+    # Teacher / Unbiased Teacher. Geometry is untouched, so the masks still fit. Ground-truth
+    # frames and online self-labelling (no teacher) are never augmented this way.
+    strong_aug: bool = False
     store: Literal["none", "parquet"] = "none"
 
 

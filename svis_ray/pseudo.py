@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
+from torchvision.transforms import v2
 
 from svis_ray.config import PseudoConfig
 from svis_ray.tracking import mask_iou, match_embeddings
@@ -126,3 +127,22 @@ def pseudo_label_clip(outputs: dict[str, torch.Tensor], size: tuple[int, int], l
         frame_anchors = {int(order[f][q]): c for q, c in anchors.items()}
         result.append(select_frame(logits[f], full[f], cfg, frame_anchors))
     return result
+
+
+# Unbiased Teacher's photometric "strong" augmentation, without its geometric parts (cutout would
+# erase objects the masks still claim).
+STRONG_AUG = v2.Compose([v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+                         v2.RandomGrayscale(p=0.2),
+                         v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 2.0))], p=0.5)])
+
+
+def strong_augment(images: torch.Tensor, targets: list[dict]) -> torch.Tensor:
+    """A copy of ``images`` (uint8 [N,3,H,W], padded) with ``STRONG_AUG`` applied, inside each
+    frame's ``size``, to the frames a teacher labelled (``pseudo`` with labels); other frames and
+    the padding are unchanged. Random draws come from torch's global generator."""
+    out = images.clone()
+    for i, t in enumerate(targets):
+        if t["pseudo"] and t["labels"] is not None:
+            h, w = t["size"]
+            out[i, :, :h, :w] = STRONG_AUG(images[i, :, :h, :w])
+    return out

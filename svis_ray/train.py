@@ -136,6 +136,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from svis_ray.matcher import HungarianMatcher
     from svis_ray.model import build_model, load_pretrained, save_checkpoint
     from svis_ray.optim import build_optimizer, build_scheduler, train_step
+    from svis_ray.pseudo import strong_augment
 
     cfg = config_from_dict(loop_config["config"])
     class_names: list[str] = loop_config["class_names"]
@@ -213,6 +214,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             targets_or_fn = lambda outputs: _online_targets(outputs, targets, cfg)  # noqa: E731
         else:
             targets_or_fn = targets
+        if cfg.pseudo.strong_aug:
+            images = strong_augment(images, targets)
         parts = train_step(student, criterion, optimizer, scheduler, images.to(device), targets_or_fn,
                            scaler=scaler, clip_norm=cfg.train.clip_norm, amp=amp)
         pseudo = [t for t in targets if t["pseudo"] and "scores" in t]  # teacher- or self-labelled

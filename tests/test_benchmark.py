@@ -75,7 +75,7 @@ def test_concurrency_benchmark_configs_load(tmp_path):
     assert len({c.output.dir for c in cfgs.values()}) == 3
 
 
-def test_ema_settings_do_not_count_for_recipes_without_an_ema_teacher(tmp_path):
+def test_teacher_settings_do_not_count_for_recipes_without_that_teacher(tmp_path):
     from svis_ray.benchmark import comparable, recipe_config
 
     svis = comparable(recipe_config("svis_ray", "a", 0, [], tmp_path))
@@ -85,6 +85,9 @@ def test_ema_settings_do_not_count_for_recipes_without_an_ema_teacher(tmp_path):
           for root, seed, m in (("a", 0, 0.9), ("b", 1, 0.5))]
     assert sm[0] == sm[1]  # another folder, seed and EMA momentum: trained the same way
     assert comparable(recipe_config("sparse_minvis", "a", 0, ["train.lr=0.01"], tmp_path)) != sm[0]
+    # strong augmentation acts on teacher-labelled frames only: nothing to change without a teacher
+    assert comparable(recipe_config("sparse_minvis", "a", 0, ["pseudo.strong_aug=true"], tmp_path)) == sm[0]
+    assert comparable(recipe_config("svis_ray", "a", 0, ["pseudo.strong_aug=true"], tmp_path)) != svis
 
 
 def test_reuse_takes_only_results_trained_the_same_way(tmp_path):

@@ -2,7 +2,7 @@ import numpy as np
 import torch
 
 from svis_ray.config import PseudoConfig
-from svis_ray.pseudo import anchor_queries, pseudo_label_clip, select_frame
+from svis_ray.pseudo import anchor_queries, pseudo_label_clip, select_frame, strong_augment
 
 K = 3  # classes
 
@@ -92,3 +92,22 @@ def test_pseudo_label_clip_follows_tracks_across_permuted_queries():
     res_off = pseudo_label_clip(outputs, (32, 32), np.array([True, False]), gt_masks, np.array([0]),
                                 np.array([2]), cfg_off)
     assert res_off[1].labels.tolist() == [0]
+
+
+def test_strong_augment_changes_only_teacher_labelled_frames_inside_their_size():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (4, 3, 64, 96), dtype=torch.uint8)
+    images[:, :, 48:] = 0  # padding below frames of 48 x 96
+    targets = [{"pseudo": False, "labels": torch.zeros(1), "size": (48, 96)},  # ground truth
+               {"pseudo": True, "labels": torch.zeros(2), "size": (48, 96)},  # teacher-labelled
+               {"pseudo": True, "labels": None, "size": (48, 96)},  # online: the student labels it
+               {"pseudo": True, "labels": torch.zeros(0), "size": (48, 96)}]  # teacher kept nothing
+    changed = []
+    for _ in range(5):  # each frame draws its own augmentation; some draws leave a frame as it was
+        out = strong_augment(images, targets)
+        assert out.dtype == torch.uint8 and out.shape == images.shape
+        assert torch.equal(out[[0, 2]], images[[0, 2]])
+        assert torch.equal(out[:, :, 48:], images[:, :, 48:])
+        changed.append([not torch.equal(out[i], images[i]) for i in (1, 3)])
+    assert all(any(c[j] for c in changed) for j in (0, 1))
+    assert torch.equal(images[:, :, 48:], torch.zeros_like(images[:, :, 48:]))  # input untouched
