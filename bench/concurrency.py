@@ -20,8 +20,8 @@ An untimed 2-step warm-up run comes first: the session's first run otherwise pay
 starting Ray's decode worker processes and importing into them (~5 s on the 2-core box), which
 later runs reuse. The fixed start-up that stays is real: the teacher actor starts only when the
 student first pulls from the stream (its process, imports and checkpoint: ~7 s before the first
-step on the 2-core box, against ~1.5 s without a pool). 300 steps keep it a small share, as in a
-real run of hours; the breakdown printed after the ratios (start-up to the first report, then
+step on the 2-core box, against ~1.5 s without a pool). 300 steps make it a smaller share (a real
+run lasts hours); the breakdown printed after the ratios (start-up to the first report, then
 steady state) shows how much of the ratio is which.
 """
 from __future__ import annotations
