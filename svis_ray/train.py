@@ -176,7 +176,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, best_ap = int(state["step"]), float(state["best_ap"])
-        if state.get("ema") is not None:
+        if state.get("student") is not None:  # model.pt holds the EMA teacher (see the save below)
+            ema = copy.deepcopy(model)
+            model.load_state_dict(state["student"])
+        elif state.get("ema") is not None:  # written before model.pt held the EMA
             ema = copy.deepcopy(model)
             ema.load_state_dict(state["ema"])
     if rank == 0 and cfg.teacher.mode == "ema" and ema is None:
@@ -253,9 +256,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             continue
         with tempfile.TemporaryDirectory() as d:
             if rank == 0:
+                # The EMA teacher is the run's model (Mean Teacher): it is what gets evaluated and
+                # what model.pt -- and so best.pt -- holds; the student, needed only to resume
+                # training, goes to train_state.pt.
+                final = ema if ema is not None else model
                 if do_eval:
-                    evaluated = ema if (ema is not None and loop_config["eval_ema"]) else model
-                    val_metrics, records = evaluate_split(evaluated, val, cfg.data.root, cfg.data.min_size_test,
+                    val_metrics, records = evaluate_split(final, val, cfg.data.root, cfg.data.min_size_test,
                                                           cfg.data.max_size_test, window=cfg.teacher.window)
                     metrics.update({f"val_{k}": v for k, v in val_metrics.items() if k != "per_category"})
                     best_ap = max(best_ap, val_metrics["AP"])
@@ -263,13 +269,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                         json.dump(records, f)
                     with open(os.path.join(d, "metrics.json"), "w") as f:
                         json.dump({**val_metrics, "step": step}, f, indent=1)
-                save_checkpoint(os.path.join(d, "model.pt"), model, class_names,
+                save_checkpoint(os.path.join(d, "model.pt"), final, class_names,
                                 extra={"step": step, "val_AP": metrics["val_AP"],
                                        "min_size_test": cfg.data.min_size_test,
                                        "max_size_test": cfg.data.max_size_test})
                 torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                             "step": step, "best_ap": best_ap,
-                            "ema": ema.state_dict() if ema is not None else None},
+                            "student": model.state_dict() if final is not model else None},
                            os.path.join(d, "train_state.pt"))
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
             else:
@@ -453,8 +459,7 @@ def run_training(cfg: Config, callbacks: list[UserCallback] | None = None) -> di
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "class_names": class_names, "store_name": store_name,
-                           "namespace": namespace,
-                           "eval_ema": cfg.teacher.mode == "ema"},
+                           "namespace": namespace},
         scaling_config=ScalingConfig(num_workers=world, use_gpu=use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu and torch.cuda.is_available() else "gloo"),
         run_config=RunConfig(
