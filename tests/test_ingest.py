@@ -117,12 +117,15 @@ def test_uri_root_is_read_through_pyarrow_fs(demo_root, tmp_path):
         load_split(uri, "missing.json")
 
 
-def test_idle_throttle_sleeps_out_only_short_steps(monkeypatch):
+def test_idle_throttle_backs_off_while_steps_return_at_once(monkeypatch):
     slept = []
     monkeypatch.setattr(ingest.time, "sleep", slept.append)
     throttle = IdleThrottle()
-    throttle.on_execution_step(None)  # a step that returned at once (nothing to wait for)
-    assert len(slept) == 1 and 0 < slept[0] <= IdleThrottle.MIN_STEP_S
-    throttle._last -= 1.0  # a step that waited on tasks for a second
+    for _ in range(7):  # steps that returned at once: 1, 2, 4, 8, 16 ms, then the cap
+        throttle.on_execution_step(None)
+    assert slept == pytest.approx([0.001, 0.002, 0.004, 0.008, 0.016, 0.02, 0.02])
+    throttle._last -= 1.0  # a step that waited on tasks for a second: no sleep, and a reset
     throttle.on_execution_step(None)
-    assert len(slept) == 1
+    assert len(slept) == 7
+    throttle.on_execution_step(None)
+    assert slept[-1] == pytest.approx(0.001)
