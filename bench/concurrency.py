@@ -18,7 +18,7 @@ the benchmark then measured the controller's polling, not the pool.
 
 The three runs alternate for ``--rounds`` rounds (default 2) and each takes its fastest round:
 the 2-core box is noisy (the same student-only run took 120.4 s in one session and 147.8 s in
-another; single rounds gave ratios from 1.09 to 1.20). Every round is printed.
+another; single rounds gave ratios from 1.09 to 1.24). Every round is printed.
 
 An untimed 2-step warm-up run comes first: the session's first run otherwise pays alone for
 starting Ray's decode worker processes and importing into them (~5 s on the 2-core box), which
