@@ -11,6 +11,18 @@ def demo_root(tmp_path_factory):
     return root
 
 
+@pytest.fixture
+def one_torch_thread():
+    """torch at one intra-op thread for the test, as in Ray's workers and actors (Ray sets
+    OMP_NUM_THREADS=1): mask logits near 0 flip a few pixels with another summation order."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray for the whole test run: logical CPUs above the 2 real cores (Train workers

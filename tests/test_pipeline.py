@@ -41,7 +41,7 @@ def read_rows(path):
 
 
 @pytest.mark.timeout(600)
-def test_debug_run_two_workers_two_teachers(ray_local, sparse_root, tmp_path):
+def test_debug_run_two_workers_two_teachers(ray_local, sparse_root, tmp_path, one_torch_thread):
     from svis_ray.train import run_training
 
     # Teachers ask for one (fake) GPU each and fall back to the CPU.
@@ -68,20 +68,13 @@ def test_debug_run_two_workers_two_teachers(ray_local, sparse_root, tmp_path):
     assert results and {"video_id", "category_id", "score", "segmentations"} <= set(results[0])
     # best.pt is the model that was evaluated (the EMA teacher, not the student): predicting
     # with it reproduces the run's results.json (one thread, as the worker ran).
-    import torch
-
     from svis_ray.data.ingest import load_split
     from svis_ray.inference import predict_split
     from svis_ray.model import load_checkpoint
 
     model, _ = load_checkpoint(run / "best.pt")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        again = predict_split(model, load_split(str(sparse_root), "val.json"), str(sparse_root),
-                              cfg.data.min_size_test, cfg.data.max_size_test, window=cfg.teacher.window)
-    finally:
-        torch.set_num_threads(threads)
+    again = predict_split(model, load_split(str(sparse_root), "val.json"), str(sparse_root),
+                          cfg.data.min_size_test, cfg.data.max_size_test, window=cfg.teacher.window)
     assert [(r["video_id"], r["category_id"]) for r in results] == [(r["video_id"], r["category_id"]) for r in again]
     assert [r["score"] for r in results] == pytest.approx([r["score"] for r in again], rel=1e-5)
 

@@ -52,7 +52,8 @@ def _count_frames(path: Path) -> tuple[int, float, tuple[int, int]]:
 
 
 @pytest.mark.timeout(300)
-def test_split_through_actor_pool_matches_in_process_ap(ray_local, demo_root, checkpoint, tmp_path):
+def test_split_through_actor_pool_matches_in_process_ap(ray_local, demo_root, checkpoint, tmp_path,
+                                                        one_torch_thread):
     lines: list[str] = []
     s = predict(checkpoint, demo_root / "val.json", tmp_path, num_actors=2, zip_results=True, render=True,
                 log=lines.append, **SIZE)
@@ -64,14 +65,8 @@ def test_split_through_actor_pool_matches_in_process_ap(ray_local, demo_root, ch
     split = YTVIS.load(demo_root / "val.json")
 
     model, _ = load_checkpoint(checkpoint)
-    # One intra-op thread like the actors (Ray sets OMP_NUM_THREADS=1): the untrained model's mask
-    # logits sit near 0, and with 2 threads a different summation order flips a few pixels.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        expected = predict_split(model, split, str(demo_root), window=30, topk=10, **SIZE)
-    finally:
-        torch.set_num_threads(threads)
+    # one_torch_thread: like the actors; the untrained model's mask logits sit near 0.
+    expected = predict_split(model, split, str(demo_root), window=30, topk=10, **SIZE)
     assert metrics == evaluate(split.to_dict(), expected)
     got = json.loads(results.read_text())
     assert [(r["video_id"], r["category_id"], r["segmentations"]) for r in got] == \
