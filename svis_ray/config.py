@@ -100,6 +100,9 @@ class PseudoConfig:
     score_threshold: float = 0.8  # Sparse-MinVIS class-score threshold
     mask_threshold: float = 0.0  # mask logit threshold
     min_area: int = 16  # pixels, at training resolution
+    # Class-agnostic mask NMS among a frame's pseudo-labels (anchored first, then by score): two
+    # queries on one object would train the student to predict duplicates. 1 = off (Sparse-MinVIS).
+    nms_iou: float = 0.5
     keep_empty: bool = True  # frames with nothing kept still train as background
     anchor: bool = True  # ground-truth-anchored pseudo-labels
     anchor_iou: float = 0.5
@@ -256,7 +259,7 @@ def check_config(cfg: Config, source: str = "config") -> Config:
                         f"got {cfg.data.unlabelled_max_gap}")
     p = cfg.pseudo
     unit = {"pseudo.score_threshold": p.score_threshold, "pseudo.anchor_iou": p.anchor_iou,
-            "pseudo.anchor_score_threshold": p.anchor_score_threshold,
+            "pseudo.anchor_score_threshold": p.anchor_score_threshold, "pseudo.nms_iou": p.nms_iou,
             "pseudo.background_weight": p.background_weight, "teacher.ema_momentum": cfg.teacher.ema_momentum}
     for key, value in unit.items():
         if not 0.0 <= value <= 1.0:

@@ -84,6 +84,7 @@ def test_teacher_settings_do_not_count_for_recipes_without_that_teacher(tmp_path
     sm = [comparable(recipe_config("sparse_minvis", root, seed, [f"teacher.ema_momentum={m}"], tmp_path / root))
           for root, seed, m in (("a", 0, 0.9), ("b", 1, 0.5))]
     assert sm[0] == sm[1]  # another folder, seed and EMA momentum: trained the same way
+    assert svis["pseudo.nms_iou"] < 1.0 and sm[0]["pseudo.nms_iou"] == 1.0  # Sparse-MinVIS had no NMS
     assert comparable(recipe_config("sparse_minvis", "a", 0, ["train.lr=0.01"], tmp_path)) != sm[0]
     # strong augmentation acts on teacher-labelled frames only: nothing to change without a teacher
     assert comparable(recipe_config("sparse_minvis", "a", 0, ["pseudo.strong_aug=true"], tmp_path)) == sm[0]

@@ -39,6 +39,7 @@ def test_round_trip_through_dict():
     (["train.max_steps=abc"], "train.max_steps: expected int, got 'abc'"),
     (["teacher.mode=mean"], "teacher.mode: expected one of 'ema', 'frozen', 'online', got 'mean'"),
     (["data.min_size_train=360"], "data.min_size_train: expected a list, got 360"),
+    (["pseudo.nms_iou=1.5"], "pseudo.nms_iou must lie in [0, 1], got 1.5"),
     (["bogus.key=1"], "bogus: unknown key"),
     (["train.max_steps"], "expected key=value"),
 ])

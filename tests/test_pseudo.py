@@ -52,6 +52,24 @@ def test_anchored_query_passes_lower_threshold_with_gt_class():
     assert np.isclose(anchored.scores[0], 0.6)
 
 
+def test_nms_keeps_one_pseudo_label_per_object_anchored_first():
+    probs = [[0.05, 0.05, 0.5, 0.4],   # q0: anchored (gt class 2), foreground 0.6
+             [0.95, 0.0, 0.0, 0.05],   # q1: confident duplicate of q0's object (IoU 12/20)
+             [0.0, 0.91, 0.0, 0.09],   # q2: another object; q3: its weaker duplicate, other class
+             [0.9, 0.0, 0.0, 0.1]]
+    masks = torch.stack([square(10, 10, 0, 0, 4), square(10, 10, 0, 1, 4),
+                         square(10, 10, 5, 5, 5), square(10, 10, 5, 5, 4)]) * 2 - 1
+    cfg = PseudoConfig(score_threshold=0.8, min_area=1, nms_iou=0.5)
+    fp = select_frame(logits_for(probs), masks, cfg, anchors={0: 2})
+    assert fp.labels.tolist() == [2, 1] and fp.anchored.tolist() == [True, False]
+    off = select_frame(logits_for(probs), masks, PseudoConfig(score_threshold=0.8, min_area=1, nms_iou=1.0),
+                       anchors={0: 2})
+    assert off.labels.tolist() == [2, 0, 1, 0]  # Sparse-MinVIS: no NMS
+    # At 0.62, q1 (IoU 0.6 with q0) stays and q3 (IoU 16/25 = 0.64 with q2) goes.
+    assert select_frame(logits_for(probs), masks, PseudoConfig(score_threshold=0.8, min_area=1, nms_iou=0.62),
+                        anchors={0: 2}).labels.tolist() == [2, 0, 1]
+
+
 def test_anchor_queries_hungarian_iou():
     pred = torch.stack([square(10, 10, 0, 0, 4), square(10, 10, 5, 5, 5), square(10, 10, 0, 6, 2)]).bool()
     gt = torch.stack([square(10, 10, 5, 5, 4), square(10, 10, 0, 0, 4)]).bool()
