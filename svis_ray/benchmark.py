@@ -92,18 +92,24 @@ def recipe_config(name: str, data: str, seed: int, overrides: list[str], out_dir
                                       f"output.dir={out_dir}/runs/{name}_seed{seed}"])
 
 
+def flat_config(cfg) -> dict:
+    """``{"section.key": value}``, as it reads back from accuracy.json (tuples -> lists)."""
+    return json.loads(json.dumps({f"{section}.{k}": v for section, values in cfg.to_dict().items()
+                                  for k, v in values.items()}))
+
+
 def comparable(cfg) -> dict:
     """A recipe's config as the keys that decide its result: without paths, seed and progress bar,
     without the EMA settings when there is no EMA teacher and without ``pseudo.strong_aug`` when
     there is no teacher at all (they do nothing then)."""
-    flat = {f"{section}.{k}": v for section, values in cfg.to_dict().items() for k, v in values.items()}
+    flat = flat_config(cfg)
     for key in ("data.root", "train.seed", "output.dir", "output.progress_bar"):
         flat.pop(key)
     if flat["teacher.mode"] != "ema":
         flat.pop("teacher.ema_momentum"), flat.pop("teacher.publish_every")
     if flat["teacher.mode"] == "online":
         flat.pop("pseudo.strong_aug")
-    return json.loads(json.dumps(flat))  # as it reads back from accuracy.json (tuples -> lists)
+    return flat
 
 
 def make_benchmark_data(data: str | Path) -> None:
@@ -128,7 +134,11 @@ def data_fingerprint(data: str) -> str:
 
 
 def reused(path: str, name: str, seeds: list[int], config: dict, fingerprint: str) -> dict:
-    """Recipe ``name``'s seeds from an earlier accuracy.json, if measured the same way; else SvisError."""
+    """Recipe ``name``'s seeds from an earlier accuracy.json, if measured the same way; else SvisError.
+
+    A key the earlier record lacks was added to the config since; it counts as the same when set
+    to its default, which by convention is the behaviour from before the key existed."""
+    from svis_ray.config import Config
     from svis_ray.io import read_json
 
     prev = read_json(path).get(name)
@@ -140,7 +150,8 @@ def reused(path: str, name: str, seeds: list[int], config: dict, fingerprint: st
         raise SvisError(f"{path}: {name} has no result for seed(s) {missing}; rerun it with --recipes")
     if prev["data_sha256"] != fingerprint:
         raise SvisError(f"{path}: {name} was measured on different demo data; rerun it with --recipes")
-    diff = sorted(k for k in config.keys() | prev["config"].keys() if config.get(k) != prev["config"].get(k))
+    before = {**flat_config(Config()), **prev["config"]}
+    diff = sorted(k for k in config.keys() | prev["config"].keys() if config.get(k) != before.get(k))
     if diff:
         raise SvisError(f"{path}: {name} was measured with a different config ({', '.join(diff)}); "
                         f"rerun it with --recipes")

@@ -6,9 +6,9 @@ MinVIS tracker, and a track whose mask matches a ground-truth instance on the cl
 frame (mask IoU >= ``anchor_iou``) takes that instance's class and is kept at the lower
 foreground-score threshold ``anchor_score_threshold`` -- the annotation vouches for the object,
 the teacher only has to follow it. Unanchored tracks must pass the normal threshold.
-Last, a class-agnostic mask NMS keeps one pseudo-label per object (``nms_iou``, anchored ones
-first): on the demo data a third of the wrong pseudo-labels were a second query on an object
-already labelled, which teaches the student to predict duplicates.
+Optionally (``nms_iou`` < 1), a class-agnostic mask NMS keeps one pseudo-label per object,
+anchored ones first: on the demo data a third of the wrong pseudo-labels were a second query on
+an object already labelled.
 """
 from __future__ import annotations
 

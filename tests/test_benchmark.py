@@ -84,7 +84,9 @@ def test_teacher_settings_do_not_count_for_recipes_without_that_teacher(tmp_path
     sm = [comparable(recipe_config("sparse_minvis", root, seed, [f"teacher.ema_momentum={m}"], tmp_path / root))
           for root, seed, m in (("a", 0, 0.9), ("b", 1, 0.5))]
     assert sm[0] == sm[1]  # another folder, seed and EMA momentum: trained the same way
-    assert svis["pseudo.nms_iou"] < 1.0 and sm[0]["pseudo.nms_iou"] == 1.0  # Sparse-MinVIS had no NMS
+    # Sparse-MinVIS had no pseudo-label NMS, whatever the overrides
+    assert comparable(recipe_config("sparse_minvis", "a", 0, ["pseudo.nms_iou=0.5"], tmp_path)) == sm[0]
+    assert comparable(recipe_config("svis_ray", "a", 0, ["pseudo.nms_iou=0.5"], tmp_path)) != svis
     assert comparable(recipe_config("sparse_minvis", "a", 0, ["train.lr=0.01"], tmp_path)) != sm[0]
     # strong augmentation acts on teacher-labelled frames only: nothing to change without a teacher
     assert comparable(recipe_config("sparse_minvis", "a", 0, ["pseudo.strong_aug=true"], tmp_path)) == sm[0]
@@ -120,6 +122,12 @@ def test_reuse_takes_only_results_trained_the_same_way(tmp_path):
         reused(str(old), "full", [0], config, "0" * 64)
     with pytest.raises(SvisError, match=r"no result for seed\(s\) \[3\]"):
         reused(str(old), "full", [0, 3], config, fp)
+    # a key added since the old run: the same at its default (the old behaviour), not otherwise
+    prev["full"]["config"] = {k: v for k, v in config.items() if k != "pseudo.nms_iou"}
+    old.write_text(json.dumps(prev))
+    assert reused(str(old), "full", [0], config, fp)["seeds"] == {"0": prev["full"]["seeds"]["0"]}
+    with pytest.raises(SvisError, match=r"different config \(pseudo.nms_iou\)"):
+        reused(str(old), "full", [0], {**config, "pseudo.nms_iou": 0.5}, fp)
     del prev["full"]["config"]
     old.write_text(json.dumps(prev))
     with pytest.raises(SvisError, match="no reusable full entry"):
