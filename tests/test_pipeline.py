@@ -67,7 +67,7 @@ def test_debug_run_two_workers_two_teachers(ray_local, sparse_root, tmp_path, on
     results = json.loads((run / "results.json").read_text())
     assert results and {"video_id", "category_id", "score", "segmentations"} <= set(results[0])
     # best.pt is the model that was evaluated (the EMA teacher, not the student): predicting
-    # with it reproduces the run's results.json (one thread, as the worker ran).
+    # with it reproduces the run's results.json (one_torch_thread: one thread, as the worker ran).
     from svis_ray.data.ingest import load_split
     from svis_ray.inference import predict_split
     from svis_ray.model import load_checkpoint
