@@ -161,7 +161,7 @@ class Teacher:
             outputs = forward_frames(self.model, image, self.cfg.teacher.window, self.device) if f else None
             per_frame = [] if outputs is None else pseudo_label_clip(
                 outputs, (h, w), batch["labelled"][c], batch["gt_masks"][c], batch["gt_frame"][c],
-                batch["gt_labels"][c], pcfg)
+                batch["gt_labels"][c], pcfg, image)
             masks, frame_ids, labels, scores, anchored, cands = [], [], [], [], [], 0
             for slot, fp in enumerate(per_frame):
                 if fp is None:

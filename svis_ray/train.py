@@ -75,8 +75,10 @@ def num_clips(cfg: Config, world_size: int) -> int:
 
 
 # ----------------------------------------------------------------------------- the worker loop
-def _online_targets(outputs: dict[str, torch.Tensor], targets: list[dict], cfg: Config) -> list[dict]:
-    """Sparse-MinVIS: the student labels its own unlabelled frames from this very forward pass."""
+def _online_targets(outputs: dict[str, torch.Tensor], targets: list[dict], cfg: Config,
+                    images: torch.Tensor) -> list[dict]:
+    """Sparse-MinVIS: the student labels its own unlabelled frames from this very forward pass.
+    images: uint8 [N,3,H,W], the padded frames (for ``pseudo.refine``)."""
     from svis_ray.pseudo import select_frame
 
     logits, masks = outputs["pred_logits"].detach(), outputs["pred_masks"].detach()
@@ -89,7 +91,8 @@ def _online_targets(outputs: dict[str, torch.Tensor], targets: list[dict], cfg: 
         h, w = t["size"]
         full[:, h:, :] = -1e4  # padding is never foreground
         full[:, :, w:] = -1e4
-        fp = select_frame(logits[i], full, cfg.pseudo)
+        image = images[i].permute(1, 2, 0).numpy() if cfg.pseudo.refine != "none" else None
+        fp = select_frame(logits[i], full, cfg.pseudo, image=image)
         t["labels"] = torch.from_numpy(fp.labels).to(logits.device)
         t["masks"] = torch.from_numpy(fp.masks).to(logits.device)
         t["scores"], t["candidates"] = fp.scores, fp.candidates
@@ -214,7 +217,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if t["labels"] is not None:
                 t["labels"], t["masks"] = t["labels"].to(device), t["masks"].to(device)
         if cfg.teacher.mode == "online":  # the student labels its unlabelled frames from this forward
-            targets_or_fn = lambda outputs: _online_targets(outputs, targets, cfg)  # noqa: E731
+            frames = images  # the clean frames: strong_aug below rebinds `images` before the lambda runs
+            targets_or_fn = lambda outputs: _online_targets(outputs, targets, cfg, frames)  # noqa: E731
         else:
             targets_or_fn = targets
         if cfg.pseudo.strong_aug:

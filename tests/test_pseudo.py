@@ -1,8 +1,9 @@
 import numpy as np
+import pytest
 import torch
 
 from svis_ray.config import PseudoConfig
-from svis_ray.pseudo import anchor_queries, pseudo_label_clip, select_frame, strong_augment
+from svis_ray.pseudo import anchor_queries, grabcut, pseudo_label_clip, select_frame, strong_augment
 
 K = 3  # classes
 
@@ -130,3 +131,52 @@ def test_strong_augment_changes_only_teacher_labelled_frames_inside_their_size()
         changed.append([not torch.equal(out[i], images[i]) for i in (1, 3)])
     assert all(any(c[j] for c in changed) for j in (0, 1))
     assert torch.equal(images, original)  # the input is not augmented in place
+
+
+def ring_scene(seed=0):
+    """A magenta ring (outer radius 20, inner 11) on a noisy grey-green background, 96x128, and
+    the blob a 1/4-resolution model would predict for it: the filled disc, 2 pixels too wide."""
+    rng = np.random.default_rng(seed)
+    image = (rng.normal(0, 12, (96, 128, 3)) + [90, 120, 90]).clip(0, 255).astype(np.uint8)
+    yy, xx = np.mgrid[:96, :128]
+    r = np.hypot(yy - 48, xx - 60)
+    ring = (r <= 20) & (r >= 11)
+    image[ring] = [200, 40, 190]
+    blob = r <= 22
+    return image, ring, blob
+
+
+def test_grabcut_snaps_a_blurred_mask_to_the_object():
+    image, ring, blob = ring_scene()
+    iou_np = lambda a, b: (a & b).sum() / (a | b).sum()  # noqa: E731
+    assert iou_np(blob, ring) < 0.7
+    refined = grabcut(image, blob, min_area=16)
+    assert refined.dtype == bool and refined.shape == ring.shape
+    assert iou_np(refined, ring) > 0.9  # the hole and the overhang are gone
+
+
+def test_grabcut_keeps_the_teachers_mask_when_it_cannot_help():
+    image, _, blob = ring_scene()
+    tiny = np.zeros_like(blob)
+    tiny[10:13, 10:13] = True  # 9 pixels: too few to fit a colour model on
+    assert grabcut(image, tiny, min_area=16) is tiny
+    flat = np.full_like(image, 128)  # one colour: no edge to snap to
+    assert np.array_equal(grabcut(flat, blob, min_area=16), blob)
+    everything = np.ones_like(blob)  # no background to learn from: OpenCV refuses, the mask stays
+    assert grabcut(image, everything, min_area=16) is everything
+    with pytest.raises(ValueError, match="differ in size"):
+        grabcut(image[:48], blob, min_area=16)
+
+
+def test_select_frame_refines_kept_masks_with_the_image():
+    image, ring, blob = ring_scene()
+    masks = torch.from_numpy(np.where(blob, 5.0, -5.0)).float()[None]  # [1,H,W] logits
+    logits = logits_for([[0.95, 0.02, 0.02, 0.01]])
+    plain = select_frame(logits, masks, PseudoConfig(score_threshold=0.8, anchor=False))
+    refined = select_frame(logits, masks, PseudoConfig(score_threshold=0.8, anchor=False, refine="grabcut"),
+                           image=image)
+    assert np.array_equal(plain.masks[0], blob)
+    assert refined.labels.tolist() == plain.labels.tolist() == [0]
+    assert (refined.masks[0] & ring).sum() / (refined.masks[0] | ring).sum() > 0.9
+    with pytest.raises(ValueError, match="needs the frame's image"):
+        select_frame(logits, masks, PseudoConfig(score_threshold=0.8, anchor=False, refine="grabcut"))
