@@ -91,8 +91,7 @@ def _online_targets(outputs: dict[str, torch.Tensor], targets: list[dict], cfg: 
         h, w = t["size"]
         full[:, h:, :] = -1e4  # padding is never foreground
         full[:, :, w:] = -1e4
-        image = images[i].permute(1, 2, 0).numpy() if cfg.pseudo.refine != "none" else None
-        fp = select_frame(logits[i], full, cfg.pseudo, image=image)
+        fp = select_frame(logits[i], full, cfg.pseudo, image=images[i].permute(1, 2, 0).numpy())  # a view
         t["labels"] = torch.from_numpy(fp.labels).to(logits.device)
         t["masks"] = torch.from_numpy(fp.masks).to(logits.device)
         t["scores"], t["candidates"] = fp.scores, fp.candidates

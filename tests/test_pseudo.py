@@ -148,11 +148,10 @@ def ring_scene(seed=0):
 
 def test_grabcut_snaps_a_blurred_mask_to_the_object():
     image, ring, blob = ring_scene()
-    iou_np = lambda a, b: (a & b).sum() / (a | b).sum()  # noqa: E731
-    assert iou_np(blob, ring) < 0.7
+    assert iou(blob, torch.from_numpy(ring)) < 0.7
     refined = grabcut(image, blob, min_area=16)
     assert refined.dtype == bool and refined.shape == ring.shape
-    assert iou_np(refined, ring) > 0.9  # the hole and the overhang are gone
+    assert iou(refined, torch.from_numpy(ring)) > 0.9  # the hole and the overhang are gone
 
 
 def test_grabcut_keeps_the_teachers_mask_when_it_cannot_help():
@@ -177,6 +176,6 @@ def test_select_frame_refines_kept_masks_with_the_image():
                            image=image)
     assert np.array_equal(plain.masks[0], blob)
     assert refined.labels.tolist() == plain.labels.tolist() == [0]
-    assert (refined.masks[0] & ring).sum() / (refined.masks[0] | ring).sum() > 0.9
+    assert iou(refined.masks[0], torch.from_numpy(ring)) > 0.9
     with pytest.raises(ValueError, match="needs the frame's image"):
         select_frame(logits, masks, PseudoConfig(score_threshold=0.8, anchor=False, refine="grabcut"))
