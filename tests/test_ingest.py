@@ -129,3 +129,6 @@ def test_idle_throttle_backs_off_while_steps_return_at_once(monkeypatch):
     assert len(slept) == 7
     throttle.on_execution_step(None)
     assert slept[-1] == pytest.approx(0.001)
+    for _ in range(5000):  # a long backpressured stretch (~100 s of 20 ms sleeps) stays at the cap
+        throttle.on_execution_step(None)
+    assert slept[-1] == pytest.approx(0.02)

@@ -52,14 +52,16 @@ class IdleThrottle(ExecutionCallback):
 
     def __init__(self):
         self._last = time.perf_counter()
-        self._short_steps = 0
+        self._sleep = self.FIRST_SLEEP_S
 
     def on_execution_step(self, executor) -> None:
         if time.perf_counter() - self._last >= self.MAX_SLEEP_S:  # the step waited: not spinning
-            self._short_steps = 0
+            self._sleep = self.FIRST_SLEEP_S
         else:
-            time.sleep(min(self.MAX_SLEEP_S, self.FIRST_SLEEP_S * 2 ** self._short_steps))
-            self._short_steps += 1
+            time.sleep(self._sleep)
+            # The sleep itself, not a count of short steps: 2**n overflowed float after ~20 s of
+            # backpressure (1024 steps) and killed the stream.
+            self._sleep = min(self.MAX_SLEEP_S, 2 * self._sleep)
         self._last = time.perf_counter()
 
 
