@@ -1,7 +1,7 @@
 """The sparse-supervision claim, measured: four training recipes on the demo data, same seeds
 and step budget, evaluated on 80 held-out demo videos.
 
-    svis-ray benchmark [--out bench_out] [--seeds 0,1,2] [--recipes a,b --reuse OLD/accuracy.json]
+    svis-ray benchmark [--out bench_out] [--seeds 0,1,2] [--recipes a,b] [--reuse OLD/accuracy.json]
                       [key=value ...]                                  (or python bench/accuracy.py)
 
   full            every frame labelled (the fully supervised reference)
@@ -20,8 +20,9 @@ svis_ray > sparse_minvis (mean AP).
 Each recipe's entry also records its resolved config and a hash of the demo data, so that
 ``--recipes svis_ray --reuse OLD/accuracy.json`` can retrain only the recipe being changed (an
 hour less on 2 cores) and take the others from OLD, which is refused, naming the differing keys,
-unless they would be trained exactly as before (same config, seeds and data; the training code
-itself is not compared, so reuse only results of the same code).
+unless they would be trained exactly as before (same config and data; the training code itself
+is not compared, so reuse only results of the same code). Seeds OLD lacks are trained, so
+``--seeds 0,1,2,3,4 --reuse OLD/accuracy.json`` (no ``--recipes``) extends a 3-seed table to 5.
 """
 from __future__ import annotations
 
@@ -136,7 +137,8 @@ def data_fingerprint(data: str) -> str:
 
 
 def reused(path: str, name: str, seeds: list[int], config: dict, fingerprint: str) -> dict:
-    """Recipe ``name``'s seeds from an earlier accuracy.json, if measured the same way; else SvisError.
+    """Recipe ``name``'s results for those of ``seeds`` an earlier accuracy.json has, if measured
+    the same way; else SvisError. The caller trains the seeds it lacks.
 
     A key the earlier record lacks was added to the config since; it counts as the same when set
     to its default, which by convention is the behaviour from before the key existed."""
@@ -147,9 +149,6 @@ def reused(path: str, name: str, seeds: list[int], config: dict, fingerprint: st
     if not isinstance(prev, dict) or "config" not in prev or "data_sha256" not in prev:
         raise SvisError(f"{path}: no reusable {name} entry (files written before --reuse existed "
                         f"record no config); rerun it with --recipes")
-    missing = [s for s in seeds if str(s) not in prev["seeds"]]
-    if missing:
-        raise SvisError(f"{path}: {name} has no result for seed(s) {missing}; rerun it with --recipes")
     if prev["data_sha256"] != fingerprint:
         raise SvisError(f"{path}: {name} was measured on different demo data; rerun it with --recipes")
     before = {**flat_config(Config()), **prev["config"]}
@@ -157,19 +156,22 @@ def reused(path: str, name: str, seeds: list[int], config: dict, fingerprint: st
     if diff:
         raise SvisError(f"{path}: {name} was measured with a different config ({', '.join(diff)}); "
                         f"rerun it with --recipes")
-    return {"seeds": {str(s): prev["seeds"][str(s)] for s in seeds}, "config": config,
-            "data_sha256": fingerprint, "reused_from": str(path)}
+    have = [str(s) for s in seeds if str(s) in prev["seeds"]]
+    return {"seeds": {s: prev["seeds"][s] for s in have}, "config": config,
+            "data_sha256": fingerprint, "reused_from": str(path), "reused_seeds": have}
 
 
 def run(out: str, seeds: list[int], overrides: list[str], recipes: list[str] | None = None,
         reuse: str | None = None) -> int:
-    """Train and evaluate ``recipes`` (default: all) for every seed; with ``reuse``, take the other
-    recipes from that accuracy.json when their config and data match (else a one-line error)."""
+    """Train and evaluate ``recipes`` for every seed (default: all recipes, or none with ``reuse``);
+    with ``reuse``, take the other recipes' seeds from that accuracy.json when their config and
+    data match (else a one-line error) and train the seeds it lacks."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from svis_ray.io import write_json
     from svis_ray.train import run_training
 
-    recipes = list(RECIPES) if recipes is None else recipes
+    if recipes is None:
+        recipes = [] if reuse else list(RECIPES)
     unknown = [r for r in recipes if r not in RECIPES]
     if unknown:
         raise SvisError(f"--recipes: unknown recipe(s) {unknown}; choose from {', '.join(RECIPES)}")
@@ -188,7 +190,9 @@ def run(out: str, seeds: list[int], overrides: list[str], recipes: list[str] | N
             elif reuse:
                 results[name] = reused(reuse, name, seeds, config, fingerprint)
         for seed in seeds:
-            for name in recipes:
+            for name in results:  # in RECIPES order
+                if name not in recipes and str(seed) in results[name]["seeds"]:
+                    continue
                 metrics = run_training(recipe_config(name, data, seed, overrides, out_dir))["metrics"]
                 results[name]["seeds"][str(seed)] = {k: metrics[k] for k in KEYS}
                 print(f"{name} seed {seed}: AP {100 * metrics['AP']:.1f}", flush=True)
@@ -199,7 +203,7 @@ def run(out: str, seeds: list[int], overrides: list[str], recipes: list[str] | N
     print(f"{'recipe':<15}" + "".join(f"{k:>14}" for k in KEYS))
     for name, r in results.items():
         print(f"{name:<15}" + "".join(f"{100 * r['mean'][k]:>8.1f} ±{100 * r['std'][k]:4.1f}" for k in KEYS)
-              + ("  (reused)" if "reused_from" in r else ""))
+              + (f"  (seeds {','.join(r['reused_seeds'])} reused)" if r.get("reused_seeds") else ""))
     print(f"wrote {out_dir / 'accuracy.json'} and {out_dir / 'accuracy.png'}")
     if len(results) < len(RECIPES):
         print(f"goals not checked: they need all of {', '.join(RECIPES)} (--reuse an earlier accuracy.json)")

@@ -93,8 +93,10 @@ def test_teacher_settings_do_not_count_for_recipes_without_that_teacher(tmp_path
     assert comparable(recipe_config("svis_ray", "a", 0, ["pseudo.strong_aug=true"], tmp_path)) != svis
 
 
-def test_reuse_takes_only_results_trained_the_same_way(tmp_path):
+def test_reuse_takes_only_results_trained_the_same_way(tmp_path, monkeypatch):
     import json
+
+    import svis_ray.train
 
     from svis_ray.benchmark import comparable, data_fingerprint, make_benchmark_data, recipe_config, reused, run
     from svis_ray.errors import SvisError
@@ -120,8 +122,20 @@ def test_reuse_takes_only_results_trained_the_same_way(tmp_path):
         reused(str(old), "full", [0], {**config, "train.lr": 0.5}, fp)
     with pytest.raises(SvisError, match="different demo data"):
         reused(str(old), "full", [0], config, "0" * 64)
-    with pytest.raises(SvisError, match=r"no result for seed\(s\) \[3\]"):
-        reused(str(old), "full", [0, 3], config, fp)
+    # seeds the old file lacks are trained (here a stand-in for training), every recipe, nothing else
+    trained = []
+
+    def fake_training(cfg):
+        trained.append((cfg.output.dir.split("/")[-1], cfg.train.seed))
+        return {"metrics": dict.fromkeys(KEYS, 0.5)}
+
+    monkeypatch.setattr(svis_ray.train, "run_training", fake_training)
+    assert reused(str(old), "full", [0, 3], config, fp)["seeds"] == {"0": prev["full"]["seeds"]["0"]}
+    assert run(str(tmp_path / "five"), [0, 1, 2, 3, 4], [], reuse=str(old)) == 0
+    assert sorted(seed for _, seed in trained) == [3] * 4 + [4] * 4 and len(set(trained)) == 8
+    five = json.loads((tmp_path / "five" / "accuracy.json").read_text())
+    assert list(five["full"]["seeds"]) == ["0", "1", "2", "3", "4"] and five["full"]["reused_seeds"] == ["0", "1", "2"]
+    assert five["full"]["mean"]["AP"] == pytest.approx((0.1 + 0.11 + 0.12 + 0.5 + 0.5) / 5)
     # a key added since the old run: the same at its default (the old behaviour), not otherwise
     prev["full"]["config"] = {k: v for k, v in config.items() if k != "pseudo.nms_iou"}
     old.write_text(json.dumps(prev))
@@ -135,4 +149,4 @@ def test_reuse_takes_only_results_trained_the_same_way(tmp_path):
     with pytest.raises(SvisError, match="unknown recipe"):
         run(str(tmp_path / "new"), [0], [], recipes=["svis"], reuse=str(old))
     with pytest.raises(SvisError, match="every recipe would be retrained"):
-        run(str(tmp_path / "new"), [0], [], recipes=None, reuse=str(old))
+        run(str(tmp_path / "new"), [0], [], recipes=list(RECIPES), reuse=str(old))
