@@ -189,9 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("benchmark", help="accuracy benchmark: full vs 1 frame vs Sparse-MinVIS vs svis-ray")
     s.add_argument("--out", default="bench_out")
     s.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
-    s.add_argument("--recipes", default=None, help="train only these, e.g. svis_ray (default: all four)")
+    s.add_argument("--recipes", default=None, help="train these for every seed, e.g. svis_ray (default: all four; with --reuse, none)")
     s.add_argument("--reuse", default=None, metavar="ACCURACY_JSON",
-                   help="take the recipes not trained from this earlier result, if trained the same way")
+                   help="take the other recipes' seeds from this earlier result, if trained the same way; "
+                        "train the seeds it lacks")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="overrides on configs/debug.yaml for all runs")
     s.set_defaults(func=cmd_benchmark)
 
