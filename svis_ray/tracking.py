@@ -101,7 +101,8 @@ def track_video(model: nn.Module, frames: Iterable[np.ndarray], window: int = 30
     window goes through ``preprocess_frames`` (normalise, then zero-pad to /32).
     out_size: (H, W) of the returned masks, normally the original frame size; default (h, w).
     Returns up to ``topk`` tracks, best first: ``score`` (float), ``label`` (contiguous class
-    index) and ``masks`` (bool [T, H, W]). The same query may appear twice with different labels.
+    index), ``query`` (its query slot, in the first frame's order) and ``masks`` (bool [T, H, W]).
+    The same query may appear twice with different labels.
     ``tracker``: a ``TRACKERS`` name or a ``Tracker`` (see the module docstring).
 
     Memory: the model runs on ``window`` frames at a time, so device memory is bounded by one
@@ -158,8 +159,8 @@ def track_video(model: nn.Module, frames: Iterable[np.ndarray], window: int = 30
                           align_corners=False)[:, :, :h, :w]
         m = F.interpolate(m, size=(out_h, out_w), mode="bilinear", align_corners=False)
         video_masks[:, t] = (m[0] > 0) & ~absent[t][queries, None, None]
-    return [{"score": float(s), "label": int(c), "masks": m.numpy()}
-            for s, c, m in zip(top_scores, labels, video_masks)]
+    return [{"score": float(s), "label": int(c), "query": int(q), "masks": m.numpy()}
+            for s, c, q, m in zip(top_scores, labels, queries, video_masks)]
 
 
 def tracks_to_results(tracks: list[dict], video_id: int, idx_to_cat: dict[int, int]) -> list[dict]:
