@@ -2,7 +2,7 @@
 
 Sparse-MinVIS keeps, per unlabelled frame, the top-k (query, class) pairs whose class score
 exceeds 0.8, masks at logit 0. svis-ray adds *anchoring*: the teacher tracks the clip with the
-MinVIS tracker, and a track whose mask matches a ground-truth instance on the clip's labelled
+run's tracker (``inference.tracker``), and a track whose mask matches a ground-truth instance on the clip's labelled
 frame (mask IoU >= ``anchor_iou``) takes that instance's class and is kept at the lower
 foreground-score threshold ``anchor_score_threshold`` -- the annotation vouches for the object,
 the teacher only has to follow it. Unanchored tracks must pass the normal threshold.

@@ -116,12 +116,19 @@ def reference_cfg(config_file: Path, adders: list, weights: Path):
     return cfg
 
 
-def build_loaded(cfg):
+def build_loaded(cfg, state: dict[str, np.ndarray]):
+    """The reference model of ``cfg``, its weights read by detectron2's checkpointer from
+    ``cfg.MODEL.WEIGHTS`` (which holds ``state``); every tensor of the model must be ``state``'s."""
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
     model = build_model(cfg)
     DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    own = model.state_dict()
+    for name, value in state.items():
+        name = name.replace("static_query", "query_feat")  # Mask2Former renames it on load
+        assert name in own and np.array_equal(own[name].numpy(), value), f"{name} was not loaded"
+    assert len(own) == len(state), f"{len(own)} model tensors, {len(state)} in the checkpoint"
     return model.eval()
 
 
@@ -141,10 +148,11 @@ def np32(t: torch.Tensor) -> np.ndarray:
 def coco_reference(mask2former: Path, tmp: Path, image: np.ndarray) -> dict[str, np.ndarray]:
     from mask2former import add_maskformer2_config
 
-    weights = write_detectron2_pkl(tmp / "coco.pkl", seeded_state_dict(key_list(COCO_PKL_KEYS), COCO_SEED))
+    state = seeded_state_dict(key_list(COCO_PKL_KEYS), COCO_SEED)
+    weights = write_detectron2_pkl(tmp / "coco.pkl", state)
     cfg = reference_cfg(mask2former / "configs/coco/instance-segmentation/maskformer2_R50_bs16_50ep.yaml",
                         [add_maskformer2_config], weights)
-    model = build_loaded(cfg)
+    model = build_loaded(cfg, state)
     seen: dict[str, list] = {}
     capture(model.backbone, seen, "input", inputs=True)
     capture(model.sem_seg_head, seen, "head")
@@ -177,10 +185,11 @@ def minvis_reference(mask2former: Path, minvis: Path, tmp: Path, clip: np.ndarra
     from mask2former_video import add_maskformer2_video_config
     from minvis import add_minvis_config
 
-    weights = write_minvis_pth(tmp / "minvis.pth", seeded_state_dict(key_list(MINVIS_PTH_KEYS), MINVIS_SEED))
+    state = seeded_state_dict(key_list(MINVIS_PTH_KEYS), MINVIS_SEED)
+    weights = write_minvis_pth(tmp / "minvis.pth", state)
     cfg = reference_cfg(minvis / "configs/youtubevis_2019/video_maskformer2_R50_bs32_8ep_frame.yaml",
                         [add_maskformer2_config, add_maskformer2_video_config, add_minvis_config], weights)
-    model = build_loaded(cfg)
+    model = build_loaded(cfg, state)
     seen: dict[str, list] = {}
     capture(model.backbone, seen, "input", inputs=True)
     capture(model.sem_seg_head, seen, "head")

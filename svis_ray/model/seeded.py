@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,10 @@ import torch
 KEY_LISTS = Path(__file__).resolve().parents[2] / "tests" / "data"
 COCO_PKL_KEYS = "mask2former_r50_coco_instance.pkl_keys.json"  # model_final_3c8ec9.pkl, 80 classes
 MINVIS_PTH_KEYS = "minvis_ytvis19_r50.pth_keys.json"  # MinVIS YTVIS19 R50, 40 classes
+
+
+EMBEDDINGS = ("query_feat.weight", "static_query.weight", "query_embed.weight", "level_embed.weight",
+              "level_embed")
 
 
 def key_list(name: str, folder: str | Path = KEY_LISTS) -> dict[str, list[int]]:
@@ -48,7 +53,7 @@ def seeded_state_dict(shapes: dict[str, list[int]], seed: int) -> dict[str, np.n
         elif len(shape) == 1:  # norm scales
             v *= 0.1
             v += 1.0
-        elif "embed" in name or "query" in name:  # query features/positions, level embeddings
+        elif name.endswith(EMBEDDINGS):  # learned queries and level embeddings: N(0, 1)
             pass
         else:  # conv / linear weights: fan-in scaled
             v *= np.float32(1.0 / np.sqrt(np.prod(shape[1:])))
@@ -56,14 +61,31 @@ def seeded_state_dict(shapes: dict[str, list[int]], seed: int) -> dict[str, np.n
     return out
 
 
+# A state dict saved by torch / detectron2 carries per-module versions (``_metadata``), and the
+# reference loaders act on them: Mask2Former's head prefixes ``pixel_decoder.`` again to keys of a
+# version < 2 ``sem_seg_head``, and its decoder renames ``static_query`` to ``query_feat`` when the
+# predictor is version < 2. For the published files to load as they do, the COCO .pkl (spelled
+# static_query) must say head 2 / predictor 1, and the MinVIS .pth (query_feat) head 2 / predictor 2.
+COCO_PKL_VERSIONS = {"sem_seg_head": {"version": 2}, "sem_seg_head.predictor": {"version": 1}}
+MINVIS_PTH_VERSIONS = {"sem_seg_head": {"version": 2}, "sem_seg_head.predictor": {"version": 2}}
+
+
+def _with_versions(state: dict, versions: dict) -> OrderedDict:
+    out = OrderedDict(state)
+    out._metadata = {k: dict(v) for k, v in versions.items()}  # as nn.Module.state_dict() sets it
+    return out
+
+
 def write_detectron2_pkl(path: str | Path, state: dict[str, np.ndarray]) -> Path:
     """``state`` as a detectron2 model-zoo ``.pkl`` (``{"model": ..., "__author__": ...}``)."""
     with open(path, "wb") as f:
-        pickle.dump({"model": state, "__author__": "MaskFormer Model Zoo"}, f, protocol=2)
+        pickle.dump({"model": _with_versions(state, COCO_PKL_VERSIONS), "__author__": "MaskFormer Model Zoo"},
+                    f, protocol=2)
     return Path(path)
 
 
 def write_minvis_pth(path: str | Path, state: dict[str, np.ndarray]) -> Path:
     """``state`` as a MinVIS / detectron2 training checkpoint ``.pth`` (``{"model": tensors, "iteration"}``)."""
-    torch.save({"model": {k: torch.from_numpy(v) for k, v in state.items()}, "iteration": 5999}, path)
+    tensors = {k: torch.from_numpy(v) for k, v in state.items()}
+    torch.save({"model": _with_versions(tensors, MINVIS_PTH_VERSIONS), "iteration": 5999}, path)
     return Path(path)
