@@ -16,7 +16,9 @@ import torch
 
 def batch(n: int, h: int, w: int, num_classes: int, device: torch.device):
     g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 255, (n, 3, h, w), dtype=torch.uint8, generator=g).to(device)
+    from svis_ray.model import preprocess
+
+    images = preprocess(torch.randint(0, 255, (n, 3, h, w), dtype=torch.uint8, generator=g).to(device), [(h, w)] * n)
     targets = [{"labels": torch.randint(0, num_classes, (4,), generator=g).to(device),
                 "masks": (torch.rand(4, h, w, generator=g) > 0.8).to(torch.uint8).to(device), "weight": 1.0}
                for _ in range(n)]

@@ -23,7 +23,9 @@ GOAL = 0.95
 
 def make_batch(num_classes: int, frames: int, h: int, w: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 255, (frames, 3, h, w), dtype=torch.uint8, generator=g)
+    from svis_ray.model import preprocess
+
+    images = preprocess(torch.randint(0, 255, (frames, 3, h, w), dtype=torch.uint8, generator=g), [(h, w)] * frames)
     targets = []
     for _ in range(frames):
         masks = (torch.rand(3, h, w, generator=g) > 0.7).to(torch.uint8)

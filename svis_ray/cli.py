@@ -85,11 +85,11 @@ def cmd_predict(a: argparse.Namespace) -> None:
 
     s = predict(a.checkpoint, a.input, a.out, frame_root=a.frame_root, zip_results=a.zip, render=a.render,
                 num_actors=a.actors, gpus_per_actor=a.gpus_per_actor, min_size=a.min_size, max_size=a.max_size,
-                window=a.window, topk=a.topk, fps=a.fps, render_min_score=a.min_score)
+                window=a.window, topk=a.topk, fps=a.fps, render_min_score=a.min_score, tracker=a.tracker)
     where = "in this process" if s["in_process"] else "on Ray"
     print(f"{s['input']}: {s['videos']} videos, {s['frames']} frames in {s['seconds']:.1f} s "
           f"({s['frames_per_s']:.1f} frames/s, {where}), {s['tracks']} tracks "
-          f"({s['confident_tracks']} with score >= {a.min_score})")
+          f"({s['confident_tracks']} with score >= {a.min_score}), {s['tracker']} tracker")
     for path in s["outputs"]:
         print(f"wrote {path}")
 
@@ -209,7 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("predict", help="predict tracks for a YTVIS split, a frame folder or a video file")
     s.add_argument("input", help="YTVIS JSON (e.g. valid.json), a folder of frames, or a video file")
-    s.add_argument("--checkpoint", required=True, help="svis-ray checkpoint (best.pt of a training run)")
+    s.add_argument("--checkpoint", required=True,
+                   help="svis-ray checkpoint (best.pt of a training run) or an official MinVIS/Mask2Former-VIS R50 "
+                        ".pth (class names from the JSON's categories)")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--frame-root", default=None, help="dataset folder holding JPEGImages/ (default: the JSON's)")
     s.add_argument("--zip", action="store_true", help="also write submission.zip (results.json only)")
@@ -220,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-size", type=int, default=None, help="inference long-side cap (default: training's or 1333)")
     s.add_argument("--window", type=int, default=30, help="frames per model forward")
     s.add_argument("--topk", type=int, default=10, help="tracks kept per video")
+    s.add_argument("--tracker", choices=["minvis", "svis"], default=None,
+                   help="minvis: MinVIS's embedding matching; svis: + mask IoU and absent-frame blanking "
+                        "(default: the checkpoint's; minvis for an official checkpoint)")
     s.add_argument("--fps", type=float, default=None, help="frame rate of rendered frame folders (default 6)")
     s.add_argument("--min-score", type=float, default=0.3, help="tracks drawn and counted as confident")
     s.set_defaults(func=cmd_predict)

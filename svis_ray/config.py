@@ -129,6 +129,16 @@ class PseudoConfig:
 
 
 @dataclass
+class InferenceConfig:
+    # How held-out evaluation, teachers (pseudo-label anchoring) and predict link frames into
+    # tracks (svis_ray/tracking.py): "minvis" = MinVIS's embedding-only matching; "svis" adds a
+    # mask-IoU matching cost and empties masks where the query predicts no-object.
+    tracker: Literal["minvis", "svis"] = "minvis"
+    topk: int = 10  # tracks kept per video (MinVIS keeps the top 10 (query, class) pairs)
+    window: int = 30  # frames per model forward in evaluation (memory bound; results do not depend on it)
+
+
+@dataclass
 class OutputConfig:
     dir: str = "runs/debug"  # run folder: checkpoints, logs, results.json, metrics.json, best.pt
     progress_bar: bool = False
@@ -142,6 +152,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     pseudo: PseudoConfig = field(default_factory=PseudoConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -257,7 +268,8 @@ def check_config(cfg: Config, source: str = "config") -> Config:
     positive = {"train.max_steps": t.max_steps, "train.checkpoint_every": t.checkpoint_every,
                 "train.log_every": t.log_every, "train.num_workers": t.num_workers,
                 "data.clips_per_step": cfg.data.clips_per_step, "teacher.publish_every": cfg.teacher.publish_every,
-                "teacher.num_teachers": cfg.teacher.num_teachers, "teacher.batch_size": cfg.teacher.batch_size}
+                "teacher.num_teachers": cfg.teacher.num_teachers, "teacher.batch_size": cfg.teacher.batch_size,
+                "inference.topk": cfg.inference.topk, "inference.window": cfg.inference.window}
     for key, value in positive.items():
         if value < 1:
             raise SvisError(f"{source}: {key} must be >= 1, got {value}")

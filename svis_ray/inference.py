@@ -26,20 +26,21 @@ def video_frames(split: YTVIS, video: dict[str, Any], root: str, min_size: int,
 
 
 def predict_split(model: torch.nn.Module, split: YTVIS, root: str, min_size: int, max_size: int,
-                  window: int = 30, topk: int = 10) -> list[dict[str, Any]]:
+                  window: int = 30, topk: int = 10, tracker: str = "minvis") -> list[dict[str, Any]]:
     """results.json records for every video of ``split`` (category ids mapped back to the dataset's)."""
     records: list[dict[str, Any]] = []
     for video in split.videos:
         tracks = track_video(model, video_frames(split, video, root, min_size, max_size), window=window,
-                             topk=topk, out_size=(video["height"], video["width"]))
+                             topk=topk, out_size=(video["height"], video["width"]), tracker=tracker)
         records += tracks_to_results(tracks, video["id"], split.idx_to_cat)
     return records
 
 
 def evaluate_split(model: torch.nn.Module, split: YTVIS, root: str, min_size: int, max_size: int,
-                   window: int = 30) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(metrics, records) of ``model`` on an annotated split."""
+                   window: int = 30, topk: int = 10, tracker: str = "minvis"
+                   ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(metrics, records) of ``model`` on an annotated split, tracked with ``tracker``."""
     was_training = model.training
-    records = predict_split(model, split, root, min_size, max_size, window=window)
+    records = predict_split(model, split, root, min_size, max_size, window=window, topk=topk, tracker=tracker)
     model.train(was_training)
     return evaluate(split.to_dict(), records), records

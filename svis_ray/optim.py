@@ -68,7 +68,8 @@ def train_step(model: nn.Module, criterion: SetCriterion, optimizer: torch.optim
                clip_norm: float = 0.01, amp: bool = False) -> dict[str, float]:
     """One optimisation step on a batch of frames (the model must already be in train mode).
 
-    images: [B, 3, H, W] float RGB 0..255, padded to multiples of 32; targets: B frame dicts as
+    images: [B, 3, H, W] the model's input from ``svis_ray.model.preprocess`` (normalised, zero-padded
+    to multiples of 32); targets: B frame dicts as
     for ``SetCriterion``, or a function of the model outputs returning them (the Sparse-MinVIS
     online recipe labels unlabelled frames from the very forward pass it trains). With ``amp`` on a CUDA model, ``scaler`` must be a GradScaler kept
     across steps (its loss scale adapts over time). Returns the final-layer ``loss_ce``,

@@ -1,5 +1,10 @@
 """``svis-ray predict``: a trained checkpoint -> tracks for a YTVIS split, a frame folder or a video file.
 
+The checkpoint is an svis-ray one (``best.pt``) or an official MinVIS / Mask2Former-VIS R50
+``model_final.pth``; the latter names no classes, so its class names come from the YTVIS JSON's
+categories (the counts must match). Tracks are linked with the checkpoint's tracker (MinVIS's
+own for an official checkpoint) unless ``tracker`` says otherwise.
+
 A YTVIS JSON (e.g. the valid/test split, no annotations needed) runs as Ray Data batch inference:
 one row per video through an actor pool of ``Predictor``s, each loading the checkpoint once and
 tracking one video per call with the windowed MinVIS tracker, so a long video never sits in
@@ -33,9 +38,9 @@ from svis_ray.errors import SvisError
 from svis_ray.eval import write_results
 from svis_ray.inference import video_frames
 from svis_ray.io import atomic_path, write_json
-from svis_ray.model import load_checkpoint
+from svis_ray.model import load_model
 from svis_ray.teacher import teacher_device
-from svis_ray.tracking import track_video, tracks_to_results
+from svis_ray.tracking import TRACKERS, track_video, tracks_to_results
 
 VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -187,6 +192,12 @@ def _inference_size(info: dict[str, Any], min_size: int | None, max_size: int | 
     return short, max(short, longest)
 
 
+def _tracker(info: dict[str, Any], tracker: str | None) -> str:
+    """The argument, else the tracker recorded in the checkpoint. svis-ray checkpoints written
+    before the tracker was recorded produced their results.json with the svis tracker."""
+    return tracker or str(info.get("extra", {}).get("tracker", "svis"))
+
+
 def _check_classes(checkpoint: Path, info: dict[str, Any], split: YTVIS) -> None:
     if info["class_names"] != split.class_names:
         raise SvisError(f"{checkpoint}: checkpoint classes {info['class_names']} do not match the categories "
@@ -203,11 +214,12 @@ class Predictor:
     """
 
     def __init__(self, checkpoint: str, split: YTVIS, root: str, min_size: int, max_size: int,
-                 window: int, topk: int):
+                 window: int, topk: int, tracker: str):
         self.device = teacher_device()
-        self.model, _ = load_checkpoint(checkpoint, self.device)
+        self.model, _ = load_model(checkpoint, self.device, split.class_names, str(split.source))
         self.split, self.root = split, root
         self.min_size, self.max_size, self.window, self.topk = min_size, max_size, window, topk
+        self.tracker = tracker
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out: dict[str, list[Any]] = {"index": [], "records": [], "frames": [], "seconds": [], "error": []}
@@ -217,7 +229,8 @@ class Predictor:
             frames = video_frames(self.split, video, self.root, self.min_size, self.max_size)
             try:
                 tracks = track_video(self.model, frames, window=self.window, topk=self.topk,
-                                     out_size=(video["height"], video["width"]), device=self.device)
+                                     out_size=(video["height"], video["width"]), device=self.device,
+                                     tracker=self.tracker)
                 records, error = tracks_to_results(tracks, video["id"], self.split.idx_to_cat), ""
             except SvisError as e:
                 records, error = [], str(e)
@@ -231,14 +244,16 @@ class Predictor:
 
 # ----------------------------------------------------------------------------- predict
 def _check_args(num_actors: int, gpus_per_actor: float, window: int, topk: int, min_size: int | None,
-                max_size: int | None, fps: float | None) -> None:
+                max_size: int | None, fps: float | None, tracker: str | None) -> None:
     problems = [(num_actors < 1, f"actors must be at least 1, got {num_actors}"),
                 (gpus_per_actor < 0, f"gpus per actor must be >= 0, got {gpus_per_actor}"),
                 (window < 1, f"window must be at least 1 frame, got {window}"),
                 (topk < 1, f"topk must be at least 1, got {topk}"),
                 (min_size is not None and min_size < 1, f"min size must be positive, got {min_size}"),
                 (max_size is not None and max_size < 1, f"max size must be positive, got {max_size}"),
-                (fps is not None and fps <= 0, f"fps must be positive, got {fps}")]
+                (fps is not None and fps <= 0, f"fps must be positive, got {fps}"),
+                (tracker is not None and tracker not in TRACKERS,
+                 f"tracker must be one of {', '.join(TRACKERS)}, got {tracker!r}")]
     for bad, msg in problems:
         if bad:
             raise SvisError(f"predict: {msg}")
@@ -273,17 +288,18 @@ def predict(checkpoint: str | os.PathLike, input: str | os.PathLike, out_dir: st
             frame_root: str | None = None, zip_results: bool = False, render: bool = False,
             num_actors: int = 1, gpus_per_actor: float = 0.0, min_size: int | None = None,
             max_size: int | None = None, window: int = 30, topk: int = 10, fps: float | None = None,
-            render_min_score: float = 0.3,
+            render_min_score: float = 0.3, tracker: str | None = None,
             log: Callable[[str], None] = partial(print, flush=True)) -> dict[str, Any]:
     """Predict tracks for ``input`` (YTVIS JSON, frame folder or video file) into ``out_dir``.
 
     ``frame_root``: dataset folder holding ``JPEGImages/`` for a JSON (default: the JSON's folder).
     ``fps``: frame rate of rendered frame folders and splits (video files keep their own rate).
+    ``tracker``: "minvis" or "svis" (``tracking.TRACKERS``); default: the checkpoint's.
     Prints a line per video through ``log``; returns the summary: input, videos, frames, seconds (all
     of it), predict_seconds (tracking, with actor start-up), frames_per_s (over predict_seconds),
-    tracks, confident_tracks (score >= render_min_score), in_process, outputs (paths written).
+    tracks, confident_tracks (score >= render_min_score), tracker, in_process, outputs (paths written).
     """
-    _check_args(num_actors, gpus_per_actor, window, topk, min_size, max_size, fps)
+    _check_args(num_actors, gpus_per_actor, window, topk, min_size, max_size, fps, tracker)
     ckpt, src, out = Path(checkpoint), Path(input), Path(out_dir)
     if not src.exists():
         raise SvisError(f"{src}: input not found")
@@ -293,9 +309,9 @@ def predict(checkpoint: str | os.PathLike, input: str | os.PathLike, out_dir: st
     start = time.perf_counter()
     if is_json:
         run = _predict_split(ckpt, src, out, frame_root or str(src.parent), num_actors, gpus_per_actor,
-                             min_size, max_size, window, topk, fps, log)
+                             min_size, max_size, window, topk, fps, tracker, log)
     else:
-        run = _predict_clip(ckpt, src, out, min_size, max_size, window, topk, fps, log)
+        run = _predict_clip(ckpt, src, out, min_size, max_size, window, topk, fps, tracker, log)
     summary, records = run.summary, run.records
     outputs = summary["outputs"]
     outputs.insert(0, str(out / "results.json"))
@@ -317,15 +333,16 @@ def predict(checkpoint: str | os.PathLike, input: str | os.PathLike, out_dir: st
 
 def _predict_split(ckpt: Path, ann: Path, out: Path, root: str, num_actors: int, gpus_per_actor: float,
                    min_size: int | None, max_size: int | None, window: int, topk: int, fps: float | None,
-                   log: Callable[[str], None]) -> _Run:
+                   tracker: str | None, log: Callable[[str], None]) -> _Run:
     from svis_ray.train import ray_init  # Ray Train is heavy; only this path needs a cluster
 
     full = YTVIS.load(ann)
-    _, info = load_checkpoint(ckpt, "cpu")
+    _, info = load_model(ckpt, "cpu", full.class_names, str(ann))
     _check_classes(ckpt, info, full)
     if not full.videos:
         raise SvisError(f"{ann}: the file lists no videos")
     short, longest = _inference_size(info, min_size, max_size)
+    tracker = _tracker(info, tracker)
     # Actors need only the videos and categories, not the (possibly large) annotations.
     split = YTVIS({"videos": full.videos, "categories": full.categories}, source=ann)
     root = root if "://" in root else str(Path(root).resolve())
@@ -334,10 +351,11 @@ def _predict_split(ckpt: Path, ann: Path, out: Path, root: str, num_actors: int,
     ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
         Predictor, fn_constructor_kwargs={"checkpoint": str(ckpt.resolve()), "split": split, "root": root,
                                           "min_size": short, "max_size": longest, "window": window,
-                                          "topk": topk},
+                                          "topk": topk, "tracker": tracker},
         compute=ray.data.ActorPoolStrategy(size=num_actors), batch_size=1, num_gpus=gpus_per_actor,
         num_cpus=0 if gpus_per_actor > 0 else 1)  # a GPU actor's CPU share would starve the decoders
-    log(f"predict: {len(rows)} videos of {ann} on {num_actors} actor(s) at short side {short} (max {longest})")
+    log(f"predict: {len(rows)} videos of {ann} on {num_actors} actor(s) at short side {short} (max {longest}), "
+        f"{tracker} tracker")
     start = time.perf_counter()
     by_index: dict[int, list[dict[str, Any]]] = {}
     frames = 0
@@ -363,18 +381,19 @@ def _predict_split(ckpt: Path, ann: Path, out: Path, root: str, num_actors: int,
     videos = {str(v["id"]): (original_frames(v), _track_list(by_index[i], name_of))
               for i, v in enumerate(split.videos)}
     summary = {"input": str(ann), "videos": len(rows), "frames": frames, "in_process": False, "outputs": [],
-               "predict_seconds": time.perf_counter() - start}
+               "predict_seconds": time.perf_counter() - start, "tracker": tracker}
     return _Run(summary, records, videos, fps or DEFAULT_FPS)
 
 
 def _predict_clip(ckpt: Path, src: Path, out: Path, min_size: int | None, max_size: int | None, window: int,
-                  topk: int, fps: float | None, log: Callable[[str], None]) -> _Run:
+                  topk: int, fps: float | None, tracker: str | None, log: Callable[[str], None]) -> _Run:
     clip = open_clip(src, fps)  # before the checkpoint: a bad input fails at once
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, info = load_checkpoint(ckpt, device)
+    model, info = load_model(ckpt, device)
     short, longest = _inference_size(info, min_size, max_size)
+    tracker = _tracker(info, tracker)
     shape = resized_shape(clip.height, clip.width, short, longest)
-    log(f"predict: one video ({src}), in this process on {device}, at {shape[0]}x{shape[1]}")
+    log(f"predict: one video ({src}), in this process on {device}, at {shape[0]}x{shape[1]}, {tracker} tracker")
     start, count = time.perf_counter(), 0
 
     def resized() -> Iterator[np.ndarray]:
@@ -384,7 +403,7 @@ def _predict_clip(ckpt: Path, src: Path, out: Path, min_size: int | None, max_si
             yield resize_image(img, shape)
 
     tracks = track_video(model, resized(), window=window, topk=topk, out_size=(clip.height, clip.width),
-                         device=device)
+                         device=device, tracker=tracker)
     names = info["class_names"]
     # No dataset here: category ids are class index + 1 (YTVIS ids start at 1), the video id is 1.
     records = tracks_to_results(tracks, 1, {i: i + 1 for i in range(len(names))})
@@ -397,5 +416,5 @@ def _predict_clip(ckpt: Path, src: Path, out: Path, min_size: int | None, max_si
     write_json(tracks_json, {"input": str(src), "height": clip.height, "width": clip.width, "frames": count,
                              "fps": clip.fps, "class_names": names, "tracks": track_list})
     summary = {"input": str(src), "videos": 1, "frames": count, "in_process": True, "outputs": [str(tracks_json)],
-               "predict_seconds": seconds}
+               "predict_seconds": seconds, "tracker": tracker}
     return _Run(summary, records, {name: (clip.frames, track_list)}, clip.fps)

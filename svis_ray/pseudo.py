@@ -2,7 +2,7 @@
 
 Sparse-MinVIS keeps, per unlabelled frame, the top-k (query, class) pairs whose class score
 exceeds 0.8, masks at logit 0. svis-ray adds *anchoring*: the teacher tracks the clip with the
-MinVIS tracker, and a track whose mask matches a ground-truth instance on the clip's labelled
+run's tracker (``inference.tracker``), and a track whose mask matches a ground-truth instance on the clip's labelled
 frame (mask IoU >= ``anchor_iou``) takes that instance's class and is kept at the lower
 foreground-score threshold ``anchor_score_threshold`` -- the annotation vouches for the object,
 the teacher only has to follow it. Unanchored tracks must pass the normal threshold.
@@ -23,7 +23,7 @@ from scipy.optimize import linear_sum_assignment
 from torchvision.transforms import v2
 
 from svis_ray.config import PseudoConfig
-from svis_ray.tracking import mask_iou, match_embeddings
+from svis_ray.tracking import get_tracker, mask_iou, match_embeddings
 
 
 @dataclass
@@ -147,7 +147,8 @@ def anchor_queries(pred_masks: torch.Tensor, gt_masks: torch.Tensor, gt_labels: 
 
 def pseudo_label_clip(outputs: dict[str, torch.Tensor], size: tuple[int, int], labelled: np.ndarray,
                       gt_masks: np.ndarray, gt_frame: np.ndarray, gt_labels: np.ndarray,
-                      cfg: PseudoConfig, images: np.ndarray | None = None) -> list[FramePseudo | None]:
+                      cfg: PseudoConfig, images: np.ndarray | None = None,
+                      tracker: str = "minvis") -> list[FramePseudo | None]:
     """Pseudo-labels for the unlabelled frames of one clip (frames in temporal order).
 
     Args:
@@ -156,15 +157,17 @@ def pseudo_label_clip(outputs: dict[str, torch.Tensor], size: tuple[int, int], l
         size: (h, w) of the frames before padding.
         labelled: bool [F]; gt_masks uint8 [M,h,w], gt_frame int [M], gt_labels int [M].
         images: uint8 [F,h,w,3], the clip's frames; needed when ``cfg.refine`` is not ``"none"``.
+        tracker: how the clip's frames are linked for anchoring (``tracking.TRACKERS``).
     Returns: one ``FramePseudo`` per frame, ``None`` for labelled frames.
     """
+    mask_weight = get_tracker(tracker).mask_weight
     logits, mask_logits, embds = outputs["pred_logits"], outputs["pred_masks"], outputs["pred_embds"]
     num_frames = logits.shape[0]
-    # Track: permute each frame's queries into the first frame's order (MinVIS matching).
+    # Track: permute each frame's queries into the first frame's order (the tracker's matching).
     order = [torch.arange(logits.shape[1], device=logits.device)]
     for f in range(1, num_frames):
         perm = match_embeddings(embds[f - 1][order[-1]], embds[f],
-                                mask_logits[f - 1][order[-1]], mask_logits[f])
+                                mask_logits[f - 1][order[-1]], mask_logits[f], mask_weight)
         order.append(perm.to(logits.device))
     h, w = size
     full = F.interpolate(mask_logits.float(), scale_factor=4, mode="bilinear", align_corners=False)[..., :h, :w]

@@ -19,7 +19,7 @@ import ray
 import torch
 
 from svis_ray.config import Config, PseudoConfig, config_from_dict
-from svis_ray.data.transforms import pad_to_multiple
+from svis_ray.model.minvis import preprocess_frames
 from svis_ray.pseudo import pseudo_label_clip
 
 
@@ -53,24 +53,15 @@ def teacher_device() -> torch.device:
     return torch.device("cpu")
 
 
-def padded_frames(image: np.ndarray) -> torch.Tensor:
-    """uint8 frames [F,h,w,3] -> the model's input [F,3,H,W], zero-padded to multiples of 32."""
-    f, h, w = image.shape[:3]
-    hp, wp = pad_to_multiple(h, w)
-    x = torch.zeros(f, 3, hp, wp, dtype=torch.uint8)
-    x[:, :, :h, :w] = torch.tensor(image).permute(0, 3, 1, 2)  # copy: Ray hands read-only arrays
-    return x
-
-
 def forward_frames(model: torch.nn.Module, image: np.ndarray, window: int, device: torch.device
                    ) -> dict[str, torch.Tensor]:
     """pred_logits / pred_masks / pred_embds for uint8 frames [F,h,w,3] (F >= 1), run ``window``
-    frames at a time: bounded memory on long clips, and the rest of each output is dropped early."""
-    x = padded_frames(image)
+    frames at a time (``preprocess_frames``: normalised, zero-padded to /32): bounded memory on
+    long clips, and the rest of each output is dropped early."""
     window = max(1, window)
     chunks = []
-    for s in range(0, len(x), window):
-        o = model(x[s:s + window].to(device))
+    for s in range(0, len(image), window):
+        o = model(preprocess_frames(image[s:s + window], device))
         chunks.append({k: o[k] for k in ("pred_logits", "pred_masks", "pred_embds")})
     return {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
 
@@ -161,7 +152,7 @@ class Teacher:
             outputs = forward_frames(self.model, image, self.cfg.teacher.window, self.device) if f else None
             per_frame = [] if outputs is None else pseudo_label_clip(
                 outputs, (h, w), batch["labelled"][c], batch["gt_masks"][c], batch["gt_frame"][c],
-                batch["gt_labels"][c], pcfg, image)
+                batch["gt_labels"][c], pcfg, image, tracker=self.cfg.inference.tracker)
             masks, frame_ids, labels, scores, anchored, cands = [], [], [], [], [], 0
             for slot, fp in enumerate(per_frame):
                 if fp is None:

@@ -5,18 +5,20 @@ embedding in the next, so Hungarian matching of embeddings between consecutive f
 bank) re-orders each frame's queries into the previous frame's order. After alignment, query slot
 q is one track across the whole video.
 
-Departure from MinVIS: the matching cost also charges (1 - mask IoU) between the two frames' masks
-(weight ``MASK_WEIGHT``). Two objects of one class can have near-identical embeddings, and pure
-embedding matching then swaps them; objects move little between frames, so overlap settles it.
-``mask_weight=0`` is MinVIS's embedding-only matching.
+Two trackers (``TRACKERS``, config key ``inference.tracker``, ``predict --tracker``):
 
-Second departure: a track's mask is emptied on frames where its query predicts no-object with
-probability > ``ABSENT_THRESHOLD``. When an object leaves the frame its slot is still matched to
-*some* query, often one on another object; YouTube-VIS marks the absent frames null, so keeping
-those masks only adds false-positive pixels to the track.
+- ``minvis``: MinVIS exactly: embedding cost only, every track keeps its mask on every frame.
+- ``svis``: two departures, validated on the demo data only. The matching cost also charges
+  (1 - mask IoU) between the two frames' masks (weight ``MASK_WEIGHT``): two objects of one class
+  can have near-identical embeddings, and pure embedding matching then swaps them; objects move
+  little between frames, so overlap settles it. And a track's mask is emptied on frames where its
+  query predicts no-object with probability > ``ABSENT_THRESHOLD``: when an object leaves the
+  frame its slot is still matched to *some* query, often one on another object; YouTube-VIS marks
+  the absent frames null, so keeping those masks only adds false-positive pixels to the track.
 """
 
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -25,9 +27,33 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-SIZE_DIVISIBILITY = 32
+from svis_ray.errors import SvisError
+from svis_ray.model.minvis import preprocess_frames
+
 ABSENT_THRESHOLD = 0.97  # only confident no-object: weak models are unsure far from their labels
 MASK_WEIGHT = 2.0  # as large as the embedding cost's range (0..2), so overlap can outvote it
+
+
+@dataclass(frozen=True)
+class Tracker:
+    """How frames are linked: ``mask_weight`` x (1 - mask IoU) added to the embedding cost, and
+    masks emptied where no-object probability > ``absent_threshold`` (1 = never)."""
+
+    mask_weight: float
+    absent_threshold: float
+
+
+TRACKERS = {"minvis": Tracker(mask_weight=0.0, absent_threshold=1.0),
+            "svis": Tracker(mask_weight=MASK_WEIGHT, absent_threshold=ABSENT_THRESHOLD)}
+
+
+def get_tracker(name: str | Tracker) -> Tracker:
+    """``TRACKERS[name]`` (a ``Tracker`` passes through); SvisError for an unknown name."""
+    if isinstance(name, Tracker):
+        return name
+    if name not in TRACKERS:
+        raise SvisError(f"unknown tracker {name!r} (choose {', '.join(TRACKERS)})")
+    return TRACKERS[name]
 
 
 def mask_iou(a: Tensor, b: Tensor) -> Tensor:
@@ -68,14 +94,16 @@ def _windows(frames: Iterable[np.ndarray], window: int) -> Iterator[list[np.ndar
 @torch.no_grad()
 def track_video(model: nn.Module, frames: Iterable[np.ndarray], window: int = 30, topk: int = 10,
                 out_size: tuple[int, int] | None = None, device: torch.device | str | None = None,
-                mask_weight: float = MASK_WEIGHT, absent_threshold: float = ABSENT_THRESHOLD) -> list[dict]:
+                tracker: str | Tracker = "minvis") -> list[dict]:
     """Segment and track the instances of one video.
 
-    frames: T uint8 RGB arrays [h, w, 3], all the same size (already resized for inference).
+    frames: T uint8 RGB arrays [h, w, 3], all the same size (already resized for inference); each
+    window goes through ``preprocess_frames`` (normalise, then zero-pad to /32).
     out_size: (H, W) of the returned masks, normally the original frame size; default (h, w).
     Returns up to ``topk`` tracks, best first: ``score`` (float), ``label`` (contiguous class
-    index) and ``masks`` (bool [T, H, W]). The same query may appear twice with different labels.
-    ``mask_weight`` and ``absent_threshold``: the two departures from MinVIS above (0 and 1: MinVIS).
+    index), ``query`` (its query slot, in the first frame's order) and ``masks`` (bool [T, H, W]).
+    The same query may appear twice with different labels.
+    ``tracker``: a ``TRACKERS`` name or a ``Tracker`` (see the module docstring).
 
     Memory: the model runs on ``window`` frames at a time, so device memory is bounded by one
     window. Across the video only the aligned low-res mask logits are kept per frame (on the
@@ -83,6 +111,7 @@ def track_video(model: nn.Module, frames: Iterable[np.ndarray], window: int = 30
     embeddings, because the top-k tracks are known only after the last frame.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    track = get_tracker(tracker)
     was_training = model.training
     model.eval()
 
@@ -98,19 +127,19 @@ def track_video(model: nn.Module, frames: Iterable[np.ndarray], window: int = 30
             if any(f.shape != (h, w, 3) for f in chunk):
                 shapes = [f.shape for f in chunk]
                 raise ValueError(f"frames must all be {h}x{w}x3 RGB, got {shapes}")
-            images = torch.from_numpy(np.stack(chunk)).to(device).permute(0, 3, 1, 2).float()
-            pad_h, pad_w = -h % SIZE_DIVISIBILITY, -w % SIZE_DIVISIBILITY
-            outputs = model(F.pad(images, (0, pad_w, 0, pad_h)))
+            x = preprocess_frames(chunk, device)
+            padded = tuple(x.shape[-2:])
+            outputs = model(x)
             for logits, masks, embds in zip(outputs["pred_logits"], outputs["pred_masks"],
                                             outputs["pred_embds"]):
                 # The first frame fixes the query order; later frames follow the previous one.
                 perm = (torch.arange(len(embds)) if prev_embds is None
-                        else match_embeddings(prev_embds, embds, prev_masks, masks, mask_weight)).to(embds.device)
+                        else match_embeddings(prev_embds, embds, prev_masks, masks, track.mask_weight)).to(embds.device)
                 logits, masks, prev_embds = logits[perm].float(), masks[perm], embds[perm]
                 prev_masks = masks
                 logit_sum = logits if logit_sum is None else logit_sum + logits
                 masks_lowres.append(masks.float().cpu())
-                absent.append((logits.softmax(-1)[:, -1] > absent_threshold).cpu())
+                absent.append((logits.softmax(-1)[:, -1] > track.absent_threshold).cpu())
     finally:
         model.train(was_training)
     if logit_sum is None:
@@ -124,15 +153,14 @@ def track_video(model: nn.Module, frames: Iterable[np.ndarray], window: int = 30
     labels = top_idx % num_classes
 
     out_h, out_w = out_size if out_size is not None else (h, w)
-    padded = (h + (-h % SIZE_DIVISIBILITY), w + (-w % SIZE_DIVISIBILITY))
     video_masks = torch.empty(len(queries), len(masks_lowres), out_h, out_w, dtype=torch.bool)
     for t, frame_masks in enumerate(masks_lowres):
         m = F.interpolate(frame_masks[queries][None], size=padded, mode="bilinear",
                           align_corners=False)[:, :, :h, :w]
         m = F.interpolate(m, size=(out_h, out_w), mode="bilinear", align_corners=False)
         video_masks[:, t] = (m[0] > 0) & ~absent[t][queries, None, None]
-    return [{"score": float(s), "label": int(c), "masks": m.numpy()}
-            for s, c, m in zip(top_scores, labels, video_masks)]
+    return [{"score": float(s), "label": int(c), "query": int(q), "masks": m.numpy()}
+            for s, c, q, m in zip(top_scores, labels, queries, video_masks)]
 
 
 def tracks_to_results(tracks: list[dict], video_id: int, idx_to_cat: dict[int, int]) -> list[dict]:

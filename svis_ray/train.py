@@ -136,7 +136,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from svis_ray.inference import evaluate_split
     from svis_ray.losses import SetCriterion
     from svis_ray.matcher import HungarianMatcher
-    from svis_ray.model import build_model, load_pretrained, save_checkpoint
+    from svis_ray.model import build_model, load_pretrained, preprocess, save_checkpoint
     from svis_ray.optim import build_optimizer, build_scheduler, train_step
     from svis_ray.pseudo import strong_augment
 
@@ -222,7 +222,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             targets_or_fn = targets
         if cfg.pseudo.strong_aug:
             images = strong_augment(images, targets)
-        parts = train_step(student, criterion, optimizer, scheduler, images.to(device), targets_or_fn,
+        x = preprocess(images.to(device), [t["size"] for t in targets])  # normalise, then zero the padding
+        parts = train_step(student, criterion, optimizer, scheduler, x, targets_or_fn,
                            scaler=scaler, clip_norm=cfg.train.clip_norm, amp=amp)
         pseudo = [t for t in targets if t["pseudo"] and "scores" in t]  # teacher- or self-labelled
         kept = sum(len(t["labels"]) for t in pseudo)
@@ -265,17 +266,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 final = ema if ema is not None else model
                 if do_eval:
                     val_metrics, records = evaluate_split(final, val, cfg.data.root, cfg.data.min_size_test,
-                                                          cfg.data.max_size_test, window=cfg.teacher.window)
+                                                          cfg.data.max_size_test, window=cfg.inference.window,
+                                                          topk=cfg.inference.topk, tracker=cfg.inference.tracker)
                     metrics.update({f"val_{k}": v for k, v in val_metrics.items() if k != "per_category"})
                     best_ap = max(best_ap, val_metrics["AP"])
                     with open(os.path.join(d, "results.json"), "w") as f:
                         json.dump(records, f)
                     with open(os.path.join(d, "metrics.json"), "w") as f:
-                        json.dump({**val_metrics, "step": step}, f, indent=1)
+                        json.dump({**val_metrics, "step": step, "tracker": cfg.inference.tracker}, f, indent=1)
                 save_checkpoint(os.path.join(d, "model.pt"), final, class_names,
                                 extra={"step": step, "val_AP": metrics["val_AP"],
                                        "min_size_test": cfg.data.min_size_test,
-                                       "max_size_test": cfg.data.max_size_test})
+                                       "max_size_test": cfg.data.max_size_test,
+                                       # what produced results.json; predict's default
+                                       "tracker": cfg.inference.tracker, "topk": cfg.inference.topk})
                 torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                             "step": step, "best_ap": best_ap,
                             "student": model.state_dict() if final is not model else None},
@@ -484,7 +488,10 @@ def run_training(cfg: Config, callbacks: list[UserCallback] | None = None) -> di
         if msg:
             raise SvisError(msg) from None
         raise
-    best = result.get_best_checkpoint(metric="val_AP", mode="max") or result.checkpoint
+    # Without a held-out split every val_AP is -1 and get_best_checkpoint would pick the oldest kept
+    # checkpoint; the run's model is then its last one (as MinVIS's model_final.pth).
+    best = (result.get_best_checkpoint(metric="val_AP", mode="max") if cfg.data.val_json else None) \
+        or result.checkpoint
     if best is None:
         raise SvisError(f"{out}: training finished without a checkpoint")
     summary: dict[str, Any] = {"run_dir": str(out), "steps": cfg.train.max_steps}

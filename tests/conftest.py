@@ -41,3 +41,13 @@ def ray_local():
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def minvis_pth(tmp_path_factory):
+    """Seeded weights laid out as the official MinVIS YTVIS19 R50 checkpoint (a 176 MB .pth,
+    made once): seed 1, as tools/make_golden.py gave the reference implementation."""
+    from svis_ray.model.seeded import MINVIS_PTH_KEYS, key_list, seeded_state_dict, write_minvis_pth
+
+    path = tmp_path_factory.mktemp("minvis") / "model_final.pth"
+    return write_minvis_pth(path, seeded_state_dict(key_list(MINVIS_PTH_KEYS), seed=1))

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from svis_ray.errors import SvisError
-from svis_ray.model import PRESETS, build_model
+from svis_ray.model import PRESETS, MinVIS, build_model, preprocess, preprocess_frames
+from svis_ray.model.minvis import PIXEL_MEAN, PIXEL_STD
 from svis_ray.model.pixel_decoder import MSDeformAttn, ms_deform_attn
 
 REFERENCE = Path(__file__).parent / "data" / "mask2former_r50_coco_instance.pkl_keys.json"  # copy of shared/reference
@@ -45,7 +46,7 @@ def test_tiny_output_shapes():
 def test_tiny_backward_gives_finite_grads_everywhere():
     torch.manual_seed(0)
     model = build_model("tiny", num_classes=3)
-    out = model(torch.randint(0, 256, (2, 3, 96, 128), dtype=torch.uint8))
+    out = model(preprocess(torch.randint(0, 256, (2, 3, 96, 128), dtype=torch.uint8), [(96, 128), (80, 100)]))
     preds = [out] + out["aux_outputs"]
     loss = sum(p["pred_logits"].square().mean() + p["pred_masks"].square().mean() for p in preds)
     (loss + out["pred_embds"].square().mean()).backward()
@@ -57,13 +58,27 @@ def test_tiny_backward_gives_finite_grads_everywhere():
     assert model.sem_seg_head["pixel_decoder"].transformer.encoder["layers"][0].self_attn.sampling_offsets.weight.grad.abs().sum() > 0
 
 
-def test_uint8_and_float_inputs_agree():
-    torch.manual_seed(0)
+def test_preprocess_normalises_then_pads_with_zero():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 256, (3, 40, 50), dtype=torch.uint8, generator=g)
+    b = torch.randint(0, 256, (3, 64, 70), dtype=torch.uint8, generator=g)
+    x = preprocess_frames([a.permute(1, 2, 0).numpy(), b.permute(1, 2, 0).numpy()])
+    assert x.dtype == torch.float32 and x.shape == (2, 3, 64, 96)
+    mean, std = torch.tensor(PIXEL_MEAN).view(3, 1, 1), torch.tensor(PIXEL_STD).view(3, 1, 1)
+    torch.testing.assert_close(x[0, :, :40, :50], (a.float() - mean) / std)
+    torch.testing.assert_close(x[1, :, :, :70], (b.float() - mean) / std)
+    assert not x[0, :, 40:].any() and not x[0, :, :, 50:].any() and not x[1, :, :, 70:].any()
+    padded = torch.zeros(2, 3, 64, 96, dtype=torch.uint8)
+    padded[0, :, :40, :50], padded[1, :, :, :70] = a, b
+    assert torch.equal(preprocess(padded, [(40, 50), (64, 70)]), x)  # the padded-batch form agrees
+    assert MinVIS.preprocess is preprocess
+
+
+def test_forward_takes_preprocessed_float_input_only():
     model = build_model("tiny", num_classes=2).eval()
-    images = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8)
-    with torch.no_grad():
-        assert torch.equal(model(images)["pred_logits"], model(images.float())["pred_logits"])
-    assert "pixel_mean" not in model.state_dict()
+    with pytest.raises(TypeError, match="preprocess"):
+        model(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+    assert "pixel_mean" not in model.state_dict()  # the constants live in the module, not in the weights
 
 
 def _reference_deform_attn(value, shapes, locations, weights):
@@ -175,8 +190,10 @@ def test_minvis_r50_forward_backward_and_size():
     print(f"minvis_r50 (80 classes): {n:,} parameters; reference {ref:,}")
     assert ref == 43_970_257
     assert abs(n - ref) <= 0.02 * ref
-    assert not model.backbone.conv1.weight.requires_grad and not model.backbone.layer1[0].conv1.weight.requires_grad
-    assert model.backbone.layer2[0].conv1.weight.requires_grad  # freeze_at=2: stem + res2 frozen
+    assert model.config.freeze_at == 0  # MinVIS/Mask2Former FREEZE_AT 0: every conv trains ...
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any(p.requires_grad for p in model.backbone.bn1.parameters())  # ... batch norm stays frozen
+    assert build_model("minvis_r50", 80, freeze_at=2).backbone.layer1[0].conv1.weight.requires_grad is False
 
     out = model(torch.rand(1, 3, 360, 640) * 255)
     assert out["pred_logits"].shape == (1, 100, 81)
@@ -184,4 +201,4 @@ def test_minvis_r50_forward_backward_and_size():
     assert len(out["aux_outputs"]) == 9
     out["pred_masks"].mean().backward()
     assert torch.isfinite(model.backbone.layer4[0].conv1.weight.grad).all()
-    assert model.backbone.conv1.weight.grad is None
+    assert torch.isfinite(model.backbone.conv1.weight.grad).all()

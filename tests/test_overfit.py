@@ -7,7 +7,7 @@ from svis_ray.data.ytvis import YTVIS, decode_frame
 from svis_ray.eval import evaluate
 from svis_ray.losses import SetCriterion
 from svis_ray.matcher import HungarianMatcher
-from svis_ray.model import build_model
+from svis_ray.model import build_model, preprocess
 from svis_ray.optim import build_optimizer, build_scheduler, train_step
 from svis_ray.tracking import track_video, tracks_to_results
 
@@ -27,7 +27,7 @@ def test_tiny_overfits_two_demo_videos(demo_root):
             frames.append(torch.from_numpy(decode_frame(path)).permute(2, 0, 1))
             tg = two.targets(video["id"], t)
             targets.append({"labels": torch.as_tensor(tg["labels"]), "masks": torch.as_tensor(tg["masks"])})
-    images = torch.stack(frames)  # demo frames are 96x128: already multiples of 32
+    images = preprocess(torch.stack(frames), [f.shape[1:] for f in frames])  # 96x128: no padding needed
     model = build_model("tiny", len(two.class_names))
     criterion = SetCriterion(len(two.class_names), HungarianMatcher(num_points=2048), num_points=2048)
     steps = 300
@@ -40,7 +40,7 @@ def test_tiny_overfits_two_demo_videos(demo_root):
     records = []
     for video in two.videos:
         clip = [decode_frame(p) for p in two.frame_paths(video["id"], demo_root)]
-        tracks = track_video(model, clip, window=4, out_size=(video["height"], video["width"]))
+        tracks = track_video(model, clip, window=4, out_size=(video["height"], video["width"]), tracker="svis")
         records += tracks_to_results(tracks, video["id"], two.idx_to_cat)
     metrics = evaluate(two.to_dict(), records)
     print("overfit AP", metrics["AP"])

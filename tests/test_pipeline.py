@@ -72,9 +72,12 @@ def test_debug_run_two_workers_two_teachers(ray_local, sparse_root, tmp_path, on
     from svis_ray.inference import predict_split
     from svis_ray.model import load_checkpoint
 
-    model, _ = load_checkpoint(run / "best.pt")
+    model, info = load_checkpoint(run / "best.pt")
+    assert info["extra"]["tracker"] == cfg.inference.tracker  # what produced results.json
+    assert json.loads((run / "metrics.json").read_text())["tracker"] == cfg.inference.tracker
     again = predict_split(model, load_split(str(sparse_root), "val.json"), str(sparse_root),
-                          cfg.data.min_size_test, cfg.data.max_size_test, window=cfg.teacher.window)
+                          cfg.data.min_size_test, cfg.data.max_size_test, window=cfg.teacher.window,
+                          tracker=info["extra"]["tracker"])
     assert [(r["video_id"], r["category_id"]) for r in results] == [(r["video_id"], r["category_id"]) for r in again]
     assert [r["score"] for r in results] == pytest.approx([r["score"] for r in again], rel=1e-5)
 

@@ -66,7 +66,8 @@ def test_split_through_actor_pool_matches_in_process_ap(ray_local, demo_root, ch
 
     model, _ = load_checkpoint(checkpoint)
     # one_torch_thread: like the actors; the untrained model's mask logits sit near 0.
-    expected = predict_split(model, split, str(demo_root), window=30, topk=10, **SIZE)
+    # the checkpoint records no tracker: written before it did, so predict uses svis's, as training did
+    expected = predict_split(model, split, str(demo_root), window=30, topk=10, tracker="svis", **SIZE)
     assert metrics == evaluate(split.to_dict(), expected)
     got = json.loads(results.read_text())
     assert [(r["video_id"], r["category_id"], r["segmentations"]) for r in got] == \
@@ -165,3 +166,42 @@ def test_command_error_is_one_line(checkpoint, tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [f"svis-ray: error: {bad}: cannot open the video file "
                                              "(unreadable, empty or unsupported codec)"]
+
+
+def _valid_json(root: Path, categories: int) -> Path:
+    """A YouTube-VIS 2019 valid.json-like split (no annotations): one video of two 64x64 frames."""
+    rng = np.random.default_rng(0)
+    (root / "JPEGImages" / "v0").mkdir(parents=True)
+    for t in range(2):
+        cv2.imwrite(str(root / "JPEGImages" / "v0" / f"{t:05d}.jpg"), rng.integers(0, 255, (64, 64, 3), np.uint8))
+    data = {"videos": [{"id": 5, "width": 64, "height": 64, "length": 2,
+                        "file_names": [f"v0/{t:05d}.jpg" for t in range(2)]}],
+            "categories": [{"id": i + 1, "name": f"class{i + 1}", "supercategory": "object"} for i in range(categories)]}
+    path = root / "valid.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.mark.timeout(300)
+def test_official_minvis_pth_to_codalab_zip(ray_local, minvis_pth, tmp_path):
+    """A .pth laid out as the official MinVIS YTVIS19 R50 checkpoint -> submission.zip."""
+    valid = _valid_json(tmp_path / "valid", 40)
+    lines: list[str] = []
+    s = predict(minvis_pth, valid, tmp_path / "out", zip_results=True, min_size=64, max_size=64, log=lines.append)
+    assert s["tracker"] == "minvis" and "minvis tracker" in lines[0]  # MinVIS's own default
+    with zipfile.ZipFile(tmp_path / "out" / "submission.zip") as z:
+        assert z.namelist() == ["results.json"]  # at the archive root, as the server expects
+        records = json.loads(z.read("results.json"))
+    assert len(records) == 10  # MinVIS's top 10
+    assert {r["video_id"] for r in records} == {5} and all(1 <= r["category_id"] <= 40 for r in records)
+    assert all(len(r["segmentations"]) == 2 and r["segmentations"][0]["size"] == [64, 64] for r in records)
+    assert records == json.loads((tmp_path / "out" / "results.json").read_text())
+
+
+def test_official_checkpoint_needs_the_class_count_of_its_head(minvis_pth, tmp_path):
+    valid = _valid_json(tmp_path / "valid", 39)
+    with pytest.raises(SvisError, match=r"class head has 40 classes but .*valid.json lists 39 categories"):
+        predict(minvis_pth, valid, tmp_path / "out")
+    clip = tmp_path / "valid" / "JPEGImages" / "v0"
+    with pytest.raises(SvisError, match="names no classes: predict a YTVIS JSON"):
+        predict(minvis_pth, clip, tmp_path / "out")

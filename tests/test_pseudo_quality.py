@@ -16,7 +16,7 @@ from svis_ray.data.transforms import pad_to_multiple, resize_image, resize_masks
 from svis_ray.data.ytvis import YTVIS, decode_frame
 from svis_ray.demo_job import DEBUG_CONFIG
 from svis_ray.eval.pseudo_quality import format_quality, match_frame, pseudo_quality
-from svis_ray.model import build_model, save_checkpoint
+from svis_ray.model import build_model, preprocess, save_checkpoint
 
 
 def box(y0, x0, s, h=10, w=10):
@@ -65,7 +65,8 @@ class Oracle(torch.nn.Module):
                     m = resize_masks(mask_utils.decode(a["rle"])[None], (h, w))[0]
                     masks[q, :h, :w] = torch.from_numpy(m).float() * 20 - 10
                     logits[q, k], logits[q, (a["label"] + shift) % k] = -10.0, 10.0
-                self.table[x.numpy().tobytes()] = (logits, F.avg_pool2d(masks[None], 4)[0])
+                key = preprocess(x[None], [(h, w)])[0]  # what the model is given
+                self.table[key.numpy().tobytes()] = (logits, F.avg_pool2d(masks[None], 4)[0])
 
     def forward(self, x):
         out = [self.table[f.numpy().tobytes()] for f in x]

@@ -5,11 +5,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from svis_ray.model.minvis import PIXEL_MEAN, PIXEL_STD
 from svis_ray.tracking import match_embeddings, track_video, tracks_to_results
 
 Q, K, C = 6, 4, 16
 h, w = 40, 72  # inference frame size; padded to 64 x 96, masks at 16 x 24
 T = 10
+
+
+def frame_index(images: torch.Tensor) -> torch.Tensor:
+    """[B] the value t that video() filled each frame with, read back from the model's input
+    (normalised: (t - mean) / std; the padding is 0)."""
+    return (images[:, 0, 0, 0] * PIXEL_STD[0] + PIXEL_MEAN[0]).round().long()
 
 
 def object_masks(t: int) -> torch.Tensor:
@@ -38,10 +45,10 @@ class PermutingModel(nn.Module):
     def forward(self, images: torch.Tensor) -> dict:
         assert images.dtype == torch.float32 and images.shape[2] % 32 == 0 and images.shape[3] % 32 == 0
         assert not self.training
+        assert (images[:, :, h:] == 0).all() and (images[:, :, :, w:] == 0).all()  # normalised, then padded
         self.calls.append(tuple(images.shape))
         out = {"pred_logits": [], "pred_masks": [], "pred_embds": []}
-        for image in images:
-            t = int(image[0, 0, 0])
+        for t in frame_index(images).tolist():
             g = torch.Generator().manual_seed(100 + t)
             order = torch.randperm(Q, generator=g) if self.permute else torch.arange(Q)
             drift = 0.1 * torch.randn(Q, C, generator=g)  # embeddings are similar, not equal
@@ -81,18 +88,25 @@ def test_track_masks_are_empty_where_the_query_is_confidently_absent():
 
         def forward(self, images):
             n = len(images)
-            frame = images[:, 0, 0, 0].long()  # video() fills frame t with value t
+            frame = frame_index(images)
             logits = torch.full((n, 1, 2), -10.0)
             logits[:, 0, 0] = 10.0
             logits[(frame == 2) | (frame == 3), 0, 1] = 20.0
             masks = torch.full((n, 1, h // 4, w // 4), 5.0)
             return {"pred_logits": logits, "pred_masks": masks, "pred_embds": torch.ones(n, 1, C)}
 
-    track, = track_video(VanishingModel(), video(5), topk=1, out_size=(h, w), device="cpu")
+    track, = track_video(VanishingModel(), video(5), topk=1, out_size=(h, w), device="cpu", tracker="svis")
     assert [bool(m.any()) for m in track["masks"]] == [True, True, False, False, True]
-    kept, = track_video(VanishingModel(), video(5), topk=1, out_size=(h, w), device="cpu",
-                        absent_threshold=1.0)
-    assert all(m.all() for m in kept["masks"])
+    kept, = track_video(VanishingModel(), video(5), topk=1, out_size=(h, w), device="cpu", tracker="minvis")
+    assert all(m.all() for m in kept["masks"])  # plain MinVIS keeps every frame's mask
+    assert track_video(VanishingModel(), video(5), topk=1, out_size=(h, w), device="cpu")[0]["masks"].all()  # default
+
+
+def test_unknown_tracker_is_one_line_error():
+    from svis_ray.errors import SvisError
+
+    with pytest.raises(SvisError, match="unknown tracker 'mivis'"):
+        track_video(PermutingModel(), video(2), tracker="mivis")
 
 
 def test_tracker_realigns_permuted_queries():

@@ -14,6 +14,9 @@ from svis_ray.data.transforms import pad_to_multiple
 class ClipCollate(NumpyBatchCollateFn):
     """Numpy batch of clips -> (images uint8 [N,3,H,W] padded to /32, per-frame targets, stats).
 
+    The images stay uint8 (``strong_augment`` and GrabCut work on them); the train step turns them
+    into model input with ``svis_ray.model.preprocess(images, [t["size"] for t in targets])``.
+
     Ragged columns (frame sizes, instance counts) arrive as object arrays of per-clip arrays and
     are unpacked here, frame by frame, into plain tensors. Each target dict holds
     ``labels`` int64 [n], ``masks`` uint8 [n,H,W], ``pseudo`` (bool: targets come from a teacher

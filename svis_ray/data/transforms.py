@@ -10,11 +10,12 @@ import numpy as np
 
 
 def resized_shape(h: int, w: int, short: int, max_size: int) -> tuple[int, int]:
-    """(h, w) scaled so the short side is ``short`` and the long side at most ``max_size``."""
+    """(h, w) scaled so the short side is ``short`` and the long side at most ``max_size``,
+    rounded half up (the sizes detectron2's ResizeShortestEdge gives)."""
     scale = short / min(h, w)
     if max(h, w) * scale > max_size:
         scale = max_size / max(h, w)
-    return max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+    return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
 
 
 def resize_image(img: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

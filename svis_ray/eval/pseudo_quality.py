@@ -158,7 +158,8 @@ def pseudo_quality(cfg: Config, model: torch.nn.Module, full_json: str, threshol
             gt_instances += len(gt_masks)
             for name, pcfg in variants.items():
                 fp = pseudo_label_clip(outputs, (h, w), decoded["labelled"][clip], decoded["gt_masks"],
-                                       gt_frame, decoded["gt_labels"], pcfg, image[clip])[slot]
+                                       gt_frame, decoded["gt_labels"], pcfg, image[clip],
+                                       tracker=cfg.inference.tracker)[slot]
                 correct, ious = match_frame(fp.masks, fp.labels, gt_masks, gt_labels, iou)
                 tallies[name].add(fp, correct, ious, abs(t - anchor))
     if not frames:

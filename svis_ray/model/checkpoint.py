@@ -235,3 +235,42 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     model.load_state_dict(load)
     return model.to(device), {"config": config, "class_names": list(ckpt.get("class_names", [])),
                               "extra": ckpt.get("extra", {})}
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
+               class_names: list[str] | None = None, source: str = "the dataset") -> tuple[MinVIS, dict]:
+    """A model ready for inference from an svis-ray checkpoint or an official detectron2 one.
+
+    svis-ray checkpoints go through ``load_checkpoint``. A MinVIS / Mask2Former-VIS ``.pth`` (or
+    ``.pkl``) with the R50 layout becomes a ``minvis_r50`` model whose class and query counts are
+    read off its tensors; it names no classes, so ``class_names`` (the categories of ``source``,
+    e.g. valid.json) must be given and must match its class head, and every tensor must fit
+    (nothing is left at its initialisation). Returns (model on ``device``, info) as
+    ``load_checkpoint``; for an official checkpoint ``info["extra"]`` holds ``format`` and
+    MinVIS's own test settings (``tracker`` minvis, short side 360, long side at most 1333).
+    """
+    p = Path(path)
+    ckpt = _read(p)
+    if ckpt.get("format") == FORMAT:
+        return load_checkpoint(p, device)
+    state = _tensors(p, ckpt.get("model", ckpt))
+    head = state.get("sem_seg_head.predictor.class_embed.weight")
+    query = state.get("sem_seg_head.predictor.query_feat.weight", state.get("sem_seg_head.predictor.static_query.weight"))
+    if head is None or query is None:
+        raise SvisError(f"{p}: neither an svis-ray checkpoint nor a MinVIS/Mask2Former one "
+                        f"(no sem_seg_head.predictor.class_embed / query_feat weights)")
+    num_classes = head.shape[0] - 1
+    if class_names is None:
+        raise SvisError(f"{p}: a MinVIS/Mask2Former checkpoint names no classes: predict a YTVIS JSON "
+                        f"(its categories name the {num_classes} classes)")
+    if len(class_names) != num_classes:
+        raise SvisError(f"{p}: the checkpoint's class head has {num_classes} classes but {source} lists "
+                        f"{len(class_names)} categories")
+    model = MinVIS(ModelConfig(num_classes=num_classes, num_queries=query.shape[0]))
+    load, skipped, _ = _match(p, model, state, map_detectron2_key, lambda k: True)
+    if skipped:
+        raise SvisError(f"{p}: tensor shapes differ from MinVIS R50 (e.g. "
+                        f"{', '.join(f'{k} {v}' for k, v in list(skipped.items())[:3])})")
+    model.load_state_dict(load)
+    extra = {"format": "detectron2", "tracker": "minvis", "min_size_test": 360, "max_size_test": 1333}
+    return model.to(device), {"config": model.config, "class_names": list(class_names), "extra": extra}

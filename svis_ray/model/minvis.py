@@ -5,11 +5,14 @@ at inference by matching ``pred_embds`` between consecutive frames.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 
+import numpy as np
 import torch
 from torch import nn
 
+from svis_ray.data.transforms import pad_to_multiple
 from svis_ray.errors import SvisError
 from svis_ray.model.backbone import Backbone
 from svis_ray.model.pixel_decoder import PixelDecoder
@@ -26,7 +29,7 @@ class ModelConfig:
 
     backbone: str = "resnet50"
     backbone_norm: str = "frozen_bn"
-    freeze_at: int = 2  # detectron2: stem and res2 frozen
+    freeze_at: int = 0  # MinVIS/Mask2Former FREEZE_AT 0: every stage trains (batch norm stays frozen)
     hidden_dim: int = 256  # also the pixel decoder's conv_dim
     num_queries: int = 100
     dec_layers: int = 9  # masked-attention layers (detectron2's DEC_LAYERS - 1)
@@ -62,8 +65,51 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+def preprocess(images: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """The model's input from padded uint8 frames: normalise, then zero the padding.
+
+    images: uint8 (or float 0..255) RGB [B,3,H,W], H and W multiples of 32, frame i's pixels in
+    ``[:h_i, :w_i]``; sizes: B (h_i, w_i). Returns float32 [B,3,H,W] on the same device:
+    ``(x - PIXEL_MEAN) / PIXEL_STD`` inside each frame and exactly 0 outside, as detectron2
+    (normalise, then ``ImageList.from_tensors`` pads with 0, which is the mean colour). Padding
+    the uint8 frames and normalising after would give the border -mean/std, which the COCO
+    weights never saw. This is the only way frames become model input (training, evaluation,
+    teachers, prediction); ``preprocess_frames`` is the same for a list of unpadded frames.
+    """
+    if images.shape[0] != len(sizes):
+        raise ValueError(f"{images.shape[0]} images but {len(sizes)} sizes")
+    mean = torch.tensor(PIXEL_MEAN, device=images.device).view(3, 1, 1)
+    std = torch.tensor(PIXEL_STD, device=images.device).view(3, 1, 1)
+    x = (images.float() - mean) / std
+    for i, (h, w) in enumerate(sizes):
+        x[i, :, h:, :] = 0.0
+        x[i, :, :, w:] = 0.0
+    return x
+
+
+def preprocess_frames(frames: Sequence[np.ndarray | torch.Tensor],
+                      device: torch.device | str | None = None) -> torch.Tensor:
+    """``preprocess`` for unpadded uint8 RGB frames [h_i,w_i,3] (sizes may differ): the batch is
+    zero-padded to the largest frame rounded up to /32, moved to ``device`` as uint8, then
+    normalised there. Returns float32 [B,3,H,W]."""
+    sizes = [(int(f.shape[0]), int(f.shape[1])) for f in frames]
+    hp, wp = pad_to_multiple(max(h for h, _ in sizes), max(w for _, w in sizes))
+    batch = np.zeros((len(frames), 3, hp, wp), np.uint8)
+    for i, (f, (h, w)) in enumerate(zip(frames, sizes)):
+        batch[i, :, :h, :w] = np.asarray(f).transpose(2, 0, 1)  # a copy: Ray hands read-only arrays
+    x = torch.from_numpy(batch)
+    return preprocess(x.to(device) if device is not None else x, sizes)
+
+
 class MinVIS(nn.Module):
-    """Backbone -> ``sem_seg_head.pixel_decoder`` -> ``sem_seg_head.predictor`` (detectron2 names)."""
+    """Backbone -> ``sem_seg_head.pixel_decoder`` -> ``sem_seg_head.predictor`` (detectron2 names).
+
+    ``forward`` takes the *preprocessed* input (``preprocess``): float32, normalised with
+    ``PIXEL_MEAN``/``PIXEL_STD`` (0..255 RGB), zero outside each frame, H and W multiples of 32.
+    An exported or compiled model keeps that contract; the constants are this module's.
+    """
+
+    preprocess = staticmethod(preprocess)
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -76,17 +122,16 @@ class MinVIS(nn.Module):
             "predictor": MaskedAttentionDecoder(c.hidden_dim, c.num_queries, c.nheads, c.dim_feedforward,
                                                 c.dec_layers, c.mask_dim, c.num_classes),
         })
-        # non-persistent: constants, and detectron2 state dicts do not carry them either
-        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(3, 1, 1), persistent=False)
 
-    def forward(self, images: torch.Tensor) -> dict:
-        """images [B,3,H,W] RGB 0..255 (float or uint8), H and W multiples of 32.
+    def forward(self, x: torch.Tensor) -> dict:
+        """x [B,3,H,W] float, from ``preprocess`` (normalised, zero-padded, H and W multiples of 32).
 
         Returns ``pred_logits`` [B,Q,K+1], ``pred_masks`` [B,Q,H/4,W/4] (logits), ``pred_embds``
         [B,Q,hidden_dim] and ``aux_outputs`` (dec_layers dicts of ``pred_logits``/``pred_masks``).
         """
-        x = (images.float() - self.pixel_mean) / self.pixel_std
+        if not x.is_floating_point():
+            raise TypeError(f"MinVIS.forward takes the preprocessed float input (svis_ray.model.preprocess), "
+                            f"got {x.dtype}")
         mask_features, multi_scale = self.sem_seg_head["pixel_decoder"](self.backbone(x))
         return self.sem_seg_head["predictor"](multi_scale, mask_features)
 
