@@ -44,22 +44,22 @@ class BaseSection:
 class TuneSection:
     num_samples: int = 8  # trials (times the size of any grid)
     metric: str = "val_AP"  # reported by training at evaluation steps
-    mode: Literal["max", "min"] = "max"
-    max_concurrent_trials: int | None = None  # None: as many as the cluster's CPUs/GPUs hold
+    mode: Literal["max", "min"] = "max"  # whether a higher or a lower metric is better
+    max_concurrent_trials: int | None = None  # null: as many as the cluster's CPUs/GPUs hold
     searcher: Literal["random", "optuna"] = "random"  # optuna needs `pip install svis-ray[optuna]`
-    seed: int = 0
-    grace_period: int | None = None  # ASHA: steps every trial runs before it may be stopped; None: max_t // 4
+    seed: int = 0  # seed of the searcher
+    grace_period: int | None = None  # ASHA: steps every trial runs before it may be stopped; null: max_t // 4
     reduction_factor: float = 2.0  # ASHA keeps the best 1/reduction_factor at each rung
-    max_t: int | None = None  # ASHA's last rung in steps; None: the base train.max_steps
+    max_t: int | None = None  # ASHA's last rung in steps; null: the base train.max_steps
     max_failures: int = 1  # trial restarts (each resumes its Train run from its last checkpoint)
 
 
 @dataclass
 class SweepConfig:
-    base: BaseSection = field(default_factory=BaseSection)
+    base: BaseSection = field(default_factory=BaseSection)  # the training config every trial starts from
     search_space: dict[str, Any] = field(default_factory=dict)  # dotted config key -> {distribution: args}
-    tune: TuneSection = field(default_factory=TuneSection)
-    name: str = "sweep"
+    tune: TuneSection = field(default_factory=TuneSection)  # trials, searcher and ASHA early stopping
+    name: str = "sweep"  # sweep name: its folder, and the Tune experiment that a re-run resumes
     storage_path: str = "runs/tune"  # the sweep folder is <storage_path>/<name>; a shared filesystem on clusters
 
 
