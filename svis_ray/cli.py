@@ -110,12 +110,21 @@ def cmd_pseudo_quality(a: argparse.Namespace) -> None:
     from svis_ray.model import load_checkpoint
 
     cfg = load_config(a.config, a.overrides)
-    model, _ = load_checkpoint(a.checkpoint)
-    report = pseudo_quality(cfg, model, a.gt, thresholds=a.thresholds, max_videos=a.videos, iou=a.iou)
+    model, info = load_checkpoint(a.checkpoint)
+    gallery = None
+    if a.render:
+        from svis_ray.pictures import PseudoLabelGallery
+
+        gallery = PseudoLabelGallery(a.render, info["class_names"])
+    report = pseudo_quality(cfg, model, a.gt, thresholds=a.thresholds, max_videos=a.videos, iou=a.iou,
+                            on_frame=gallery)
     print(format_quality(report))
     if a.out:
         write_json(a.out, report, indent=1)
         print(f"wrote {a.out}")
+    if gallery:
+        gallery.flush()
+        print(f"wrote {len(gallery.written)} pictures of pseudo-labels (ground truth above) to {a.render}")
 
 
 def _floats(text: str) -> list[float]:
@@ -235,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--videos", type=int, default=None, help="score only the first N videos")
     s.add_argument("--iou", type=float, default=0.5, help="mask IoU at which a pseudo-label counts as correct")
     s.add_argument("--out", default=None, help="write the report as JSON here")
+    s.add_argument("--render", default=None, metavar="DIR",
+                   help="write DIR/video_<id>.png: pseudo-labels marked correct or by their kind of mistake")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. pseudo.anchor=false")
     s.set_defaults(func=cmd_pseudo_quality)
 
