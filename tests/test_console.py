@@ -47,3 +47,11 @@ def test_worker_output_goes_to_the_log_and_only_console_lines_print(dispatcher, 
     assert with_log("x.jpg: bad", log) == f"x.jpg: bad (Ray worker output: {log})"
     # a second run in the same process moves the routing to its own folder
     assert route_worker_output(tmp_path / "b" / "ray.log", take_over=False) == tmp_path / "b" / "ray.log"
+
+
+def test_a_trial_reporting_a_user_error_stops_the_whole_sweep():
+    from svis_ray.tuning import USER_ERROR, _user_error_stopper
+
+    stop = _user_error_stopper()
+    assert not stop("t1", {"step": 4, "val_AP": 0.1}) and not stop.stop_all()
+    assert stop("t2", {USER_ERROR: "x.jpg: not a decodable image", "step": 0}) and stop.stop_all()
