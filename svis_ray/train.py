@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import cv2
+import numpy as np
 import ray
 import ray.train
 import torch
@@ -349,11 +350,13 @@ class MetricsLogger(UserCallback):
 def add_eval_picture(writer, checkpoint: Checkpoint, step: int) -> None:
     """The evaluation's picture in ``checkpoint`` (ground truth above the predicted tracks, see
     ``render_eval_picture``) -> TensorBoard image ``eval/tracks``; nothing if it has none."""
-    with checkpoint.as_directory() as d:
-        path = os.path.join(d, EVAL_PICTURE)
-        if os.path.exists(path):
-            img = cv2.cvtColor(cv2.imread(path), cv2.COLOR_BGR2RGB)
-            writer.add_image("eval/tracks", img, step, dataformats="HWC")
+    try:  # the one file, not the whole checkpoint (which may live on object storage)
+        with checkpoint.filesystem.open_input_file(f"{checkpoint.path}/{EVAL_PICTURE}") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return
+    img = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    writer.add_image("eval/tracks", img, step, dataformats="HWC")
 
 
 # ----------------------------------------------------------------------------- the driver
