@@ -45,17 +45,23 @@ def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> int:
     return max(0, w) * max(0, h)
 
 
+def main_part(mask: np.ndarray) -> np.ndarray:
+    """The largest connected piece of a mask (what its label points at)."""
+    n, parts, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    return mask if n <= 2 else parts == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+
+
 def _place(mask: np.ndarray, size: tuple[int, int], taken: list[tuple[int, int, int, int]],
            covered: np.ndarray, shape: tuple[int, int]) -> tuple[tuple[int, int, int, int], bool]:
     """Box (x0, y0, x1, y1) for one label and whether it sits on its own mask.
 
-    Inside the mask when the box centred on the mask's centre lies on it (a large object);
-    otherwise the first free spot around the mask's bounding box, going outwards. Cost: overlap
-    with labels already placed (avoided above all), then pixels of other objects covered, then
-    distance from the mask."""
+    Inside the mask when the box centred on the mask's (largest piece's) centre lies on it (a
+    large object); otherwise the cheapest spot in rings around that piece's bounding box. Cost:
+    overlap with labels already placed (avoided above all), then pixels of objects covered, then
+    distance from the piece's centre."""
     H, W = shape
     tw, th = size
-    ys, xs = np.nonzero(mask)
+    ys, xs = np.nonzero(main_part(mask))
     cx, cy = int(xs.mean()), int(ys.mean())
     x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
 
@@ -77,7 +83,7 @@ def _place(mask: np.ndarray, size: tuple[int, int], taken: list[tuple[int, int, 
         (bx0, by0, bx1, by1), on_mask = c
         region = covered[by0:by1, bx0:bx1].astype(np.int32) - (mask[by0:by1, bx0:bx1] if on_mask else 0)
         dist = np.hypot((bx0 + bx1) / 2 - cx, (by0 + by1) / 2 - cy)
-        return 1e6 * sum(_overlap(c[0], t) for t in taken) + region.clip(0).sum() + 0.5 * dist
+        return 1e6 * sum(_overlap(c[0], t) for t in taken) + region.clip(0).sum() + 2.0 * dist
 
     return min(candidates, key=cost)  # ties: the earlier (closer) candidate
 
@@ -127,7 +133,7 @@ def draw_masks(img: np.ndarray, items: Sequence[tuple[np.ndarray, tuple[int, int
     labels = [(b, on_mask, m, c, text) for (b, on_mask), (m, c, text) in zip(places, named)]
     for (x0, y0, x1, y1), on_mask, m, c, _ in labels:  # leader lines under every label box
         if not on_mask:
-            ys, xs = np.nonzero(m)
+            ys, xs = np.nonzero(main_part(m))
             bx, by = (x0 + x1) / 2, (y0 + y1) / 2
             k = int(np.argmin((xs - bx) ** 2 + (ys - by) ** 2))
             end = (int(np.clip(xs[k], x0, x1 - 1)), int(np.clip(ys[k], y0, y1 - 1)))
@@ -247,7 +253,7 @@ def write_png(path: Any, img: np.ndarray) -> Any:
     """Write uint8 RGB ``img`` as a PNG, atomically."""
     from svis_ray.io import atomic_path
 
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 3])
     with atomic_path(path) as tmp:
         tmp.write_bytes(buf.tobytes())
     return path
@@ -255,6 +261,7 @@ def write_png(path: Any, img: np.ndarray) -> Any:
 
 # ----------------------------------------------------------------------------- pseudo-labels
 # Verdict of a pseudo-label against the frame's full annotation (svis-ray pseudo-quality) -> colour.
+GT_COLOUR = (255, 255, 255)  # the gallery's ground truth: neutral, so it never reads as a verdict
 VERDICT_COLOURS = {"correct": (40, 200, 60), "duplicate": (200, 60, 255), "wrong_class": (255, 200, 0),
                    "poor_mask": (255, 120, 0), "background": (230, 30, 30)}
 
@@ -266,12 +273,13 @@ def pseudo_label_picture(frames: list[tuple[int, np.ndarray, list[tuple[np.ndarr
 
     frames: (t, image uint8 RGB [H,W,3], ground truth [(mask bool [H,W], class)], pseudo-labels
     [(mask, class, score, anchored, verdict)]); verdicts are ``VERDICT_COLOURS`` keys. Columns are
-    frames; the top row is the ground truth (never seen in training), the bottom row the
-    pseudo-labels, coloured by verdict and labelled ``class score verdict`` (``A`` = anchored)."""
+    frames; the top row is the ground truth (never seen in training, drawn in white), the bottom
+    row the pseudo-labels, coloured by verdict and labelled ``class score verdict`` (``A`` =
+    anchored)."""
     gt_row, pl_row = [], []
     for n, (t, image, gt, labels) in enumerate(frames):
         first = f"{title} ground truth t={t}" if n == 0 else f"t={t}"
-        gt_row.append(draw_masks(image, [(m, colour(j), name) for j, (m, name) in enumerate(gt)], scale, first))
+        gt_row.append(draw_masks(image, [(m, GT_COLOUR, name) for m, name in gt], scale, first))
         items = [(m, VERDICT_COLOURS.get(v, (128, 128, 128)),
                   f"{name} {score:.2f}{' A' if anchored else ''} {v.replace('_', ' ')}")
                  for m, name, score, anchored, v in labels]

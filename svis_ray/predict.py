@@ -47,6 +47,7 @@ DEFAULT_FPS = 6.0  # YouTube-VIS frames are sampled at 6 fps
 def render_video(frames: Iterable[np.ndarray], tracks: list[dict[str, Any]], out: Path, fps: float,
                  min_score: float, gt: list[dict[str, Any]] | None = None) -> int:
     """Write an mp4 of ``frames`` (original size, RGB) with the tracks drawn; returns the frame count.
+    Frames with a side under 360 pixels are enlarged ``360 // short side`` times (nearest).
 
     tracks: ``{"id", "class", "score", "segmentations": [RLE or None per frame]}``. With ``gt``
     (the same form, score None), each frame shows the ground truth above the prediction, and a
@@ -61,12 +62,13 @@ def render_video(frames: Iterable[np.ndarray], tracks: list[dict[str, Any]], out
         return colour(match[i]) if i in match else colour(len(gt or []) + i)
 
     def draw(img: np.ndarray, t: int) -> np.ndarray:
+        scale = max(1, 360 // min(img.shape[:2]))  # small frames are enlarged, so labels stay legible
         drawn = draw_tracks(img, [(k["id"], k["class"], k["score"], k["segmentations"][t]) for k in shown],
-                            colour_of=pred_colour, caption="prediction" if gt else None)
+                            scale, pred_colour, caption="prediction" if gt else None)
         if not gt:
             return drawn
         truth = draw_tracks(img, [(g["id"], g["class"], None, g["segmentations"][t]) for g in gt],
-                            caption="ground truth")
+                            scale, caption="ground truth")
         return np.concatenate([truth, drawn])
 
     n = 0
