@@ -85,9 +85,13 @@ def test_debug_run_two_workers_two_teachers(ray_local, sparse_root, tmp_path, on
 
 
 def _train_worker_pids():
+    import ray
     from ray.util.state import list_actors
 
-    return [a.pid for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+    # This session's GCS: without an address the State API asks the Ray started last on the
+    # machine, which on a shared box may be someone else's.
+    return [a.pid for a in list_actors(address=ray.get_runtime_context().gcs_address,
+                                       filters=[("state", "=", "ALIVE")], limit=1000)
             if "RayTrainWorker" in a.class_name]
 
 
