@@ -1,0 +1,3 @@
+"""svis-ray: Ray-distributed semi-supervised video instance segmentation."""
+
+__version__ = "0.1.0"

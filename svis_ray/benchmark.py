@@ -56,16 +56,41 @@ VAL_VIDEOS = 80
 
 
 def bar_chart(summary: dict, out: Path) -> None:
-    img = np.full((260, 120 + 140 * len(summary), 3), 255, np.uint8)
+    """Held-out AP per recipe: the mean as a bar, ± one standard deviation over the seeds as an
+    error bar, and every seed as a dot, on an axis with grid lines every 5 AP."""
+    from svis_ray.pictures import write_png
+
+    H, top, bottom = 300, 30, 250  # the plot spans rows top..bottom
+    img = np.full((H, 120 + 140 * len(summary), 3), 255, np.uint8)
+    seeds = {name: [100 * m["AP"] for m in s["seeds"].values()] for name, s in summary.items()}
+    limit = max(10.0, 5 * np.ceil(1.1 * max((max(v) for v in seeds.values() if v), default=10) / 5))
+
+    def y(ap: float) -> int:
+        return int(round(bottom - (bottom - top) * max(0.0, ap) / limit))
+
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    for tick in np.arange(0, limit + 1e-9, 5):
+        cv2.line(img, (50, y(tick)), (img.shape[1] - 10, y(tick)), (225, 225, 225), 1)
+        cv2.putText(img, f"{tick:g}", (22, y(tick) + 4), font, 0.35, (90, 90, 90), 1, cv2.LINE_AA)
     for i, (name, s) in enumerate(summary.items()):
-        ap = max(0.0, s["mean"]["AP"])
-        x = 60 + 140 * i
-        cv2.rectangle(img, (x, 220 - int(200 * ap)), (x + 80, 220), (180, 110, 30), -1)
-        cv2.putText(img, f"{100 * ap:.1f}+-{100 * s['std']['AP']:.1f}", (x, 215 - int(200 * ap)),
-                    cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1)
-        cv2.putText(img, name, (x - 10, 240), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1)
-    cv2.putText(img, "held-out mask AP (demo data)", (10, 15), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1)
-    cv2.imwrite(str(out), img)
+        x = 70 + 140 * i
+        if "mean" in s:
+            mean, std = 100 * s["mean"]["AP"], 100 * s["std"]["AP"]
+            cv2.rectangle(img, (x, y(mean)), (x + 80, bottom), (150, 185, 225), -1)
+            for k, ap in enumerate(seeds[name]):  # each seed, left of the error bar, spread so equal values show
+                cv2.circle(img, (x + 8 + int(16 * k / max(1, len(seeds[name]) - 1)), y(ap)), 3, (200, 80, 0), -1)
+            cx = x + 50
+            cv2.line(img, (cx, y(mean - std)), (cx, y(mean + std)), (0, 0, 0), 2)
+            for ap in (mean - std, mean + std):
+                cv2.line(img, (cx - 8, y(ap)), (cx + 8, y(ap)), (0, 0, 0), 2)
+            label_y = y(max(mean + std, *seeds[name])) - 8
+            cv2.putText(img, f"{mean:.1f} +- {std:.1f}", (x, label_y), font, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+        for text, row, size, ink in ((name, 18, 0.4, (0, 0, 0)), (f"{len(seeds[name])} seeds", 34, 0.35, (90, 90, 90))):
+            width = cv2.getTextSize(text, font, size, 1)[0][0]
+            cv2.putText(img, text, (x + 40 - width // 2, bottom + row), font, size, ink, 1, cv2.LINE_AA)
+    cv2.putText(img, "held-out mask AP (demo data): mean, +- 1 std over seeds, dots = seeds", (10, 18), font, 0.45,
+                (0, 0, 0), 1, cv2.LINE_AA)
+    write_png(out, img)
 
 
 def summarize(results: dict[str, dict]) -> dict[str, dict]:

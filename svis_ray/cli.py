@@ -6,6 +6,7 @@ become one line on stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 from svis_ray.errors import SvisError
@@ -109,12 +110,21 @@ def cmd_pseudo_quality(a: argparse.Namespace) -> None:
     from svis_ray.model import load_checkpoint
 
     cfg = load_config(a.config, a.overrides)
-    model, _ = load_checkpoint(a.checkpoint)
-    report = pseudo_quality(cfg, model, a.gt, thresholds=a.thresholds, max_videos=a.videos, iou=a.iou)
+    model, info = load_checkpoint(a.checkpoint)
+    gallery = None
+    if a.render:
+        from svis_ray.pictures import PseudoLabelGallery
+
+        gallery = PseudoLabelGallery(a.render, info["class_names"])
+    report = pseudo_quality(cfg, model, a.gt, thresholds=a.thresholds, max_videos=a.videos, iou=a.iou,
+                            on_frame=gallery)
     print(format_quality(report))
     if a.out:
         write_json(a.out, report, indent=1)
         print(f"wrote {a.out}")
+    if gallery:
+        gallery.flush()
+        print(f"wrote {len(gallery.written)} pictures of pseudo-labels (ground truth above) to {a.render}")
 
 
 def _floats(text: str) -> list[float]:
@@ -124,6 +134,19 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, e.g. 0.8,0.9, got {text!r}") from None
 
 
+def cmd_config(a: argparse.Namespace) -> None:
+    import yaml
+
+    from svis_ray.config import load_config, reference_markdown
+
+    if a.reference:
+        if a.config or a.overrides:
+            raise SvisError("config --reference: takes no --config or key=value (it documents the defaults)")
+        print(reference_markdown(), end="")
+        return
+    print(yaml.safe_dump(load_config(a.config, a.overrides).to_dict(), sort_keys=False), end="")
+
+
 def cmd_tune(a: argparse.Namespace) -> None:
     from svis_ray.tuning import run_sweep
 
@@ -131,63 +154,78 @@ def cmd_tune(a: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="svis-ray", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="svis-ray", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description="Semi-supervised video instance segmentation on Ray "
+                                            "(MinVIS student, pseudo-labelling teacher pool).",
+                                epilog="example:\n  svis-ray demo        # then: svis-ray COMMAND --help")
+    p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add = functools.partial(_add_command, sub)
 
-    s = sub.add_parser("check-data", help="validate a YTVIS JSON and decode every frame file")
+    s = add("check-data", help="validate a YTVIS JSON and decode every frame file",
+            example="svis-ray check-data demo/data demo/data/train.json")
     s.add_argument("root", help="dataset root holding JPEGImages/")
     s.add_argument("annotations", help="YTVIS annotation JSON")
     s.add_argument("--workers", type=int, default=4, help="decode threads")
     s.set_defaults(func=cmd_check_data)
 
-    s = sub.add_parser("sparsify", help="keep K labelled frames per video (MinVIS '1%%' etc.)")
-    s.add_argument("input")
-    s.add_argument("output")
-    s.add_argument("--frames-per-video", type=int, default=1)
-    s.add_argument("--strategy", choices=["middle", "random-instance", "uniform"], default="middle")
-    s.add_argument("--seed", type=int, default=0)
+    s = add("sparsify", help="keep K labelled frames per video (MinVIS '1%%' etc.)",
+            example="svis-ray sparsify demo/data/train.json demo/data/train_1frame.json --frames-per-video 1")
+    s.add_argument("input", help="fully annotated YTVIS JSON")
+    s.add_argument("output", help="sparse YTVIS JSON to write")
+    s.add_argument("--frames-per-video", type=int, default=1, help="labelled frames kept per video")
+    s.add_argument("--strategy", choices=["middle", "random-instance", "uniform"], default="middle",
+                   help="middle frame(s); random frames with an instance (Sparse-MinVIS); evenly spaced")
+    s.add_argument("--seed", type=int, default=0, help="seed of random-instance")
     s.set_defaults(func=cmd_sparsify)
 
-    s = sub.add_parser("split", help="hold out a validation split, by video")
-    s.add_argument("input")
-    s.add_argument("--val-fraction", type=float, default=0.1)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--train-out", required=True)
-    s.add_argument("--val-out", required=True)
+    s = add("split", help="hold out a validation split, by video",
+            example="svis-ray split demo/data/train.json --train-out train_split.json --val-out val_split.json")
+    s.add_argument("input", help="YTVIS JSON to split")
+    s.add_argument("--val-fraction", type=float, default=0.1, help="share of the videos held out")
+    s.add_argument("--seed", type=int, default=0, help="seed of the draw")
+    s.add_argument("--train-out", required=True, help="JSON of the remaining videos")
+    s.add_argument("--val-out", required=True, help="JSON of the held-out videos")
     s.set_defaults(func=cmd_split)
 
-    s = sub.add_parser("demo-data", help="write the synthetic demo dataset (YTVIS 2019 layout)")
-    s.add_argument("--out", required=True)
+    s = add("demo-data", help="write the synthetic demo dataset (YTVIS 2019 layout)",
+            example="svis-ray demo-data --out demo_data --videos 8 --val-videos 2")
+    s.add_argument("--out", required=True, help="folder to write (JPEGImages/, train.json, val.json)")
     s.add_argument("--videos", type=int, default=None, help="training videos")
     s.add_argument("--val-videos", type=int, default=None, help="held-out videos")
     s.add_argument("--frames", type=int, default=None, help="frames per video")
     s.add_argument("--size", type=_size, default=None, help="frame size HxW")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="seed of the generator")
     s.set_defaults(func=cmd_demo_data)
 
-    s = sub.add_parser("evaluate", help="YouTube-VIS mask AP of a results.json")
+    s = add("evaluate", help="YouTube-VIS mask AP of a results.json",
+            example="svis-ray evaluate --gt demo/data/val.json --results demo/run/results.json --out metrics.json")
     s.add_argument("--gt", required=True, help="ground-truth YTVIS JSON")
     s.add_argument("--results", required=True, help="results.json (CodaLab format)")
     s.add_argument("--out", default=None, help="write metrics JSON here")
     s.set_defaults(func=cmd_evaluate)
 
-    s = sub.add_parser("train", help="semi-supervised training (Ray Train student + teacher pool)")
+    s = add("train", help="semi-supervised training (Ray Train student + teacher pool)",
+            example="svis-ray train --config configs/debug.yaml data.root=demo/data output.dir=runs/mine")
     s.add_argument("--config", required=True, help="YAML config, e.g. configs/debug.yaml")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=100")
     s.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("demo", help="demo data -> 1-frame subset -> semi-supervised training -> AP")
+    s = add("demo", help="demo data -> 1-frame subset -> semi-supervised training -> AP",
+            example="svis-ray demo --out demo pseudo.refine=none")
     s.add_argument("--out", default="demo", help="folder for the demo data and run")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides on configs/debug.yaml")
     s.set_defaults(func=cmd_demo)
 
-    s = sub.add_parser("tune", help="Ray Tune sweep over pseudo-label thresholds and loss weights")
+    s = add("tune", help="Ray Tune sweep over pseudo-label thresholds and loss weights",
+            example="svis-ray tune --config configs/tune_debug.yaml data.root=demo/data")
     s.add_argument("--config", required=True, help="sweep YAML, e.g. configs/tune_debug.yaml")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the sweep or its base config")
     s.set_defaults(func=cmd_tune)
 
-    s = sub.add_parser("benchmark", help="accuracy benchmark: full vs 1 frame vs Sparse-MinVIS vs svis-ray")
-    s.add_argument("--out", default="bench_out")
+    s = add("benchmark", help="accuracy benchmark: full vs 1 frame vs Sparse-MinVIS vs svis-ray",
+            example="svis-ray benchmark --out bench_out --seeds 0,1,2")
+    s.add_argument("--out", default="bench_out", help="folder for the runs and accuracy.{json,txt,png}")
     s.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
     s.add_argument("--recipes", default=None, help="train these for every seed, e.g. svis_ray (default: all four; with --reuse, none)")
     s.add_argument("--reuse", default=None, metavar="ACCURACY_JSON",
@@ -196,7 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", metavar="key=value", help="overrides on configs/debug.yaml for all runs")
     s.set_defaults(func=cmd_benchmark)
 
-    s = sub.add_parser("pseudo-quality", help="precision/recall of a checkpoint's pseudo-labels against full labels")
+    s = add("pseudo-quality", help="precision/recall of a checkpoint's pseudo-labels against full labels",
+            example="svis-ray pseudo-quality --config configs/debug.yaml --checkpoint demo/run/best.pt "
+                    "--gt train.json data.root=demo/data")
     s.add_argument("--config", required=True, help="training config: data.root, data.train_json (sparse), pseudo.*")
     s.add_argument("--checkpoint", required=True, help="svis-ray checkpoint used as the teacher")
     s.add_argument("--gt", required=True, help="the training split's full annotation JSON (under data.root if relative)")
@@ -204,10 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--videos", type=int, default=None, help="score only the first N videos")
     s.add_argument("--iou", type=float, default=0.5, help="mask IoU at which a pseudo-label counts as correct")
     s.add_argument("--out", default=None, help="write the report as JSON here")
+    s.add_argument("--render", default=None, metavar="DIR",
+                   help="write DIR/video_<id>.png: pseudo-labels marked correct or by their kind of mistake")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. pseudo.anchor=false")
     s.set_defaults(func=cmd_pseudo_quality)
 
-    s = sub.add_parser("predict", help="predict tracks for a YTVIS split, a frame folder or a video file")
+    s = add("predict", help="predict tracks for a YTVIS split, a frame folder or a video file",
+            example="svis-ray predict demo/data/val.json --checkpoint demo/run/best.pt --out preds --render")
     s.add_argument("input", help="YTVIS JSON (e.g. valid.json), a folder of frames, or a video file")
     s.add_argument("--checkpoint", required=True,
                    help="svis-ray checkpoint (best.pt of a training run) or an official MinVIS/Mask2Former-VIS R50 "
@@ -229,7 +272,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--min-score", type=float, default=0.3, help="tracks drawn and counted as confident")
     s.set_defaults(func=cmd_predict)
 
+    s = add("config", help="print the resolved configuration as YAML, or the reference of every key",
+            example="svis-ray config --config configs/debug.yaml pseudo.score_threshold=0.8")
+    s.add_argument("--config", default=None, help="YAML config (default: the built-in defaults)")
+    s.add_argument("--reference", action="store_true",
+                   help="print docs/config.md: every key with its type, default and meaning")
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=100")
+    s.set_defaults(func=cmd_config)
+
     return p
+
+
+def _add_command(sub, name: str, *, help: str, example: str) -> argparse.ArgumentParser:
+    """A subcommand whose --help ends with one example."""
+    return sub.add_parser(name, help=help, description=(help[0].upper() + help[1:] + ".").replace("%%", "%"),
+                          epilog=f"example:\n  {example}", formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from svis_ray import __version__
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"svis-ray {__version__} (ray {installed('ray')}, torch {installed('torch')})"
 
 
 def main(argv: list[str] | None = None) -> int:

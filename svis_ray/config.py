@@ -6,8 +6,13 @@ so a typo never silently falls back to a default after an hour on a cluster.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
+import io
+import textwrap
+import tokenize
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,69 +27,69 @@ from svis_ray.errors import SvisError
 @dataclass
 class DataConfig:
     root: str = "demo_data"  # dataset folder holding JPEGImages/ (local path or pyarrow.fs URI: s3://, gs://)
-    train_json: str = "train_1frame.json"  # relative paths are taken under `root`
-    val_json: str = "val.json"  # held-out split with full annotations (periodic and final evaluation)
-    min_size_train: list[int] = field(default_factory=lambda: [360, 480])  # short side, one chosen per clip
-    max_size_train: int = 1333
-    min_size_test: int = 360
-    max_size_test: int = 1333
-    flip: bool = True
-    unlabelled_per_clip: int = 2  # Sparse-MinVIS: 1 labelled + 2 unlabelled frames per video and step
+    train_json: str = "train_1frame.json"  # training annotations; relative paths are taken under `root`
+    val_json: str = "val.json"  # held-out split, fully annotated, for evaluation; "" = none
+    min_size_train: list[int] = field(default_factory=lambda: [360, 480])  # training short sides, one drawn per clip
+    max_size_train: int = 1333  # cap on the training long side in pixels
+    min_size_test: int = 360  # short side at evaluation; stored in the checkpoint as `predict`'s default
+    max_size_test: int = 1333  # cap on the long side at evaluation and prediction
+    flip: bool = True  # random horizontal flip of training clips (masks follow)
+    unlabelled_per_clip: int = 2  # unlabelled frames per clip besides its labelled one (Sparse-MinVIS: 2)
     unlabelled_max_gap: int = 0  # unlabelled frames within this many frames of the labelled one; 0 = any
     clips_per_step: int = 2  # clips per worker and step (a clip = the frames of one video)
-    on_bad_frame: Literal["fail", "skip"] = "fail"
+    on_bad_frame: Literal["fail", "skip"] = "fail"  # bad frame: fail = stop naming it, skip = drop it (bad_frames)
     decode_cpus: float = 0.25  # logical CPUs per decode task (small: Train holds whole CPUs)
     decode_tasks: int = 8  # decode tasks in flight at most (each is a process; match the node's cores)
 
 
 @dataclass
 class ModelSection:
-    preset: Literal["tiny", "minvis_r50"] = "tiny"
-    weights: str | None = None  # torchvision ResNet / Mask2Former .pkl / MinVIS .pth / svis-ray checkpoint
+    preset: Literal["tiny", "minvis_r50"] = "tiny"  # architecture: tiny (CPU, demo) or minvis_r50
+    weights: str | None = None  # initial weights: ResNet / Mask2Former .pkl / MinVIS .pth / svis-ray .pt
     overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields, e.g. {num_queries: 50}
 
 
 @dataclass
 class LossConfig:
-    class_weight: float = 2.0
-    mask_weight: float = 5.0
-    dice_weight: float = 5.0
-    eos_coef: float = 0.1
-    num_points: int = 12544
-    oversample_ratio: float = 3.0
-    importance_sample_ratio: float = 0.75
+    class_weight: float = 2.0  # weight of the classification loss and matching cost
+    mask_weight: float = 5.0  # weight of the mask binary cross-entropy loss and matching cost
+    dice_weight: float = 5.0  # weight of the mask dice loss and matching cost
+    eos_coef: float = 0.1  # cross-entropy weight of the no-object class
+    num_points: int = 12544  # points sampled per mask for the mask losses and matching (Mask2Former: 112 x 112)
+    oversample_ratio: float = 3.0  # random candidates per sampled point, from which the uncertain ones are picked
+    importance_sample_ratio: float = 0.75  # share of the sampled points taken where the prediction is most uncertain
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 6000
-    lr: float = 1e-4
-    weight_decay: float = 0.05
-    backbone_multiplier: float = 0.1
-    clip_norm: float = 0.01
-    warmup_steps: int = 10
-    milestones: list[int] = field(default_factory=lambda: [4000])
-    gamma: float = 0.1
-    amp: bool = True  # only takes effect on CUDA
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    checkpoint_every: int = 500
-    num_to_keep: int = 2
-    max_failures: int = 3
-    eval_every: int = 500  # periodic held-out evaluation (rank 0), 0 = only at the end
-    log_every: int = 10
-    seed: int = 0
+    max_steps: int = 6000  # optimizer steps of the run
+    lr: float = 1e-4  # AdamW learning rate
+    weight_decay: float = 0.05  # AdamW weight decay (none on norm layers and embeddings)
+    backbone_multiplier: float = 0.1  # learning-rate factor of the backbone
+    clip_norm: float = 0.01  # full-model gradient clipping at this L2 norm
+    warmup_steps: int = 10  # learning-rate warm-up steps (MinVIS's warm-up factor is 1, so the rate stays flat)
+    milestones: list[int] = field(default_factory=lambda: [4000])  # steps where the lr is multiplied by gamma
+    gamma: float = 0.1  # learning-rate factor at each milestone
+    amp: bool = True  # mixed precision (fp16 + GradScaler); only takes effect on CUDA
+    num_workers: int = 1  # Ray Train workers, one student replica each (DDP)
+    use_gpu: bool = False  # one GPU per train worker (NCCL); false = CPU workers (gloo)
+    cpus_per_worker: float = 1.0  # logical CPUs Ray reserves per train worker
+    checkpoint_every: int = 500  # steps between checkpoints (the last step is always checkpointed)
+    num_to_keep: int = 2  # checkpoints kept in the run folder, ranked by held-out AP
+    max_failures: int = 3  # worker-group restarts after a lost worker or node (a user error is never retried)
+    eval_every: int = 500  # held-out evaluation at checkpoints every K steps (rank 0); 0 = only at the end
+    log_every: int = 10  # steps between metric reports (each waits up to ~2 s for the Train controller)
+    seed: int = 0  # seed of the clip schedule, augmentation and initialisation
     torch_threads: int = 0  # intra-op threads per worker on CPU; 0 = torch default
 
 
 @dataclass
 class TeacherConfig:
-    mode: Literal["ema", "frozen", "online"] = "ema"
-    num_teachers: int = 1
+    mode: Literal["ema", "frozen", "online"] = "ema"  # ema: mean teacher; frozen: checkpoint; online: Sparse-MinVIS
+    num_teachers: int = 1  # teacher actors in the Ray Data pool
     gpus_per_teacher: float = 1.0  # fractional values share a GPU; 0 = CPU teachers
     checkpoint: str | None = None  # frozen mode: the fixed teacher weights
-    ema_momentum: float = 0.999
+    ema_momentum: float = 0.999  # EMA momentum of the teacher, ramped as min(momentum, 1 - 1/step)
     publish_every: int = 50  # rank 0 publishes the EMA weights every K steps
     warmup_steps: int = 0  # pseudo-labels are ignored (weight 0) before this step
     batch_size: int = 2  # clips per teacher call
@@ -96,36 +101,27 @@ class TeacherConfig:
 
 @dataclass
 class PseudoConfig:
-    topk: int = 10
-    score_threshold: float = 0.8  # Sparse-MinVIS class-score threshold
-    mask_threshold: float = 0.0  # mask logit threshold
-    min_area: int = 16  # pixels, at training resolution
-    # Class-agnostic mask NMS among a frame's pseudo-labels (anchored first, then by score): drops
-    # a second query on an object already labelled. 1 = off (Sparse-MinVIS); 0.5 raised precision
-    # 65 -> 80% on the demo data but not held-out AP (README, Results), so it is off by default.
-    nms_iou: float = 1.0
-    # Snap each kept mask to the frame's colour edges with OpenCV's GrabCut, seeded by the mask
-    # (inside: probable foreground; a 3-pixel band around it: probable background; beyond: background).
-    # The teacher predicts masks at 1/4 resolution, so thin parts and holes blur; on the demo
-    # data GrabCut raised their mean IoU with the ground truth 0.70 -> 0.81 (README, Results).
-    # Off by default: on the CPU it costs ~20 ms a mask at 96x128 but ~170 ms at 360x640.
+    topk: int = 10  # (query, class) candidates per frame, best scores first
+    score_threshold: float = 0.8  # class score an unanchored pseudo-label needs (Sparse-MinVIS: 0.8)
+    mask_threshold: float = 0.0  # mask logit above which a pixel is foreground
+    min_area: int = 16  # smallest pseudo-label mask kept, in pixels at training resolution
+    nms_iou: float = 1.0  # class-agnostic mask NMS per frame (anchored first, then by score) at this IoU; 1 = off
+    # grabcut: snap each kept mask to the frame's colour edges (OpenCV GrabCut seeded by the mask);
+    # on a CPU ~20 ms a mask at 96x128, ~170 ms at 360x640. none: the teacher's masks as they are.
     refine: Literal["none", "grabcut"] = "none"
     keep_empty: bool = True  # frames with nothing kept still train as background
-    anchor: bool = True  # ground-truth-anchored pseudo-labels
-    anchor_iou: float = 0.5
+    anchor: bool = True  # tracks overlapping a labelled-frame instance take its class
+    anchor_iou: float = 0.5  # mask IoU with a labelled-frame instance that anchors a track
     anchor_score_threshold: float = 0.3  # anchored tracks pass at this lower foreground score
-    weight: float = 1.0  # lambda_pseudo
-    # No-object weight (x lambda) of the queries a pseudo-labelled frame leaves unmatched. 1 trains
-    # every object the teacher did not keep as background (Sparse-MinVIS); lower values stop the
-    # student from unlearning the objects the teacher missed.
+    weight: float = 1.0  # lambda_pseudo: loss weight of pseudo-labelled frames (ground truth: 1)
+    # No-object weight (x lambda) of the queries a pseudo-labelled frame leaves unmatched: 1 trains
+    # what the teacher did not keep as background (Sparse-MinVIS); lower trains missed objects less so.
     background_weight: float = 1.0
-    ramp_steps: int = 0  # lambda_pseudo ramps linearly from 0 over the first N steps
-    # Colour jitter, greyscale and blur on the student's copy of each teacher-labelled frame (the
-    # teacher saw it clean): the student learns the teacher's labels under noise, as in Mean
-    # Teacher / Unbiased Teacher. Geometry is untouched, so the masks still fit. Ground-truth
-    # frames and online self-labelling (no teacher) are never augmented this way.
+    ramp_steps: int = 0  # lambda_pseudo ramps linearly from 0 over the N steps after teacher.warmup_steps
+    # Colour jitter, greyscale or blur on the student's copy of each teacher-labelled frame, which
+    # the teacher saw clean (Unbiased Teacher's photometric strong augmentation; no geometry).
     strong_aug: bool = False
-    store: Literal["none", "parquet"] = "none"
+    store: Literal["none", "parquet"] = "none"  # parquet = also write every pseudo-label to <run>/pseudo_labels/
 
 
 @dataclass
@@ -141,19 +137,19 @@ class InferenceConfig:
 @dataclass
 class OutputConfig:
     dir: str = "runs/debug"  # run folder: checkpoints, logs, results.json, metrics.json, best.pt
-    progress_bar: bool = False
+    progress_bar: bool = False  # draw a bar in the console progress lines
 
 
 @dataclass
 class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelSection = field(default_factory=ModelSection)
-    loss: LossConfig = field(default_factory=LossConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    pseudo: PseudoConfig = field(default_factory=PseudoConfig)
-    inference: InferenceConfig = field(default_factory=InferenceConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # dataset, clips and decoding
+    model: ModelSection = field(default_factory=ModelSection)  # architecture and initial weights
+    loss: LossConfig = field(default_factory=LossConfig)  # Mask2Former set-prediction loss
+    train: TrainConfig = field(default_factory=TrainConfig)  # optimisation, workers, checkpoints, evaluation
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)  # the teachers that pseudo-label unlabelled frames
+    pseudo: PseudoConfig = field(default_factory=PseudoConfig)  # which pseudo-labels train the student, and how much
+    inference: InferenceConfig = field(default_factory=InferenceConfig)  # how frames are linked into tracks
+    output: OutputConfig = field(default_factory=OutputConfig)  # run folder and console
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -340,3 +336,73 @@ def absolute_paths(cfg: Config) -> Config:
         model=dataclasses.replace(cfg.model, weights=absolute(cfg.model.weights)),
         teacher=dataclasses.replace(cfg.teacher, checkpoint=absolute(cfg.teacher.checkpoint)),
     )
+
+
+# ----------------------------------------------------------------------------- reference
+REFERENCE_COMMAND = "svis-ray config --reference > docs/config.md"
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """Field name -> the comment that documents it in ``cls``'s source: the comment lines right
+    above the field, then the comment after it on its own line."""
+    src = textwrap.dedent(inspect.getsource(cls))
+    lines = src.splitlines()
+    tokens = tokenize.generate_tokens(io.StringIO(src).readline)
+    trailing = {t.start[0]: t.string for t in tokens if t.type == tokenize.COMMENT}
+    out = {}
+    for node in ast.parse(src).body[0].body:
+        if not isinstance(node, ast.AnnAssign):
+            continue
+        above, i = [], node.lineno - 2
+        while i >= 0 and lines[i].lstrip().startswith("#"):
+            above.insert(0, lines[i])
+            i -= 1
+        texts = [c.strip().lstrip("#").strip() for c in [*above, trailing.get(node.end_lineno, "")]]
+        out[node.target.id] = " ".join(t for t in texts if t)
+    return out
+
+
+def _type_text(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return " / ".join(str(a) for a in args)
+    if origin is typing.Union or origin is types.UnionType:
+        return " or ".join(_type_text(a) for a in args)
+    if origin is list:
+        return f"list of {_type_text(args[0])}"
+    if origin is dict:
+        return "mapping"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _reference_rows(obj: Any, prefix: str) -> list[str]:
+    """Markdown: a table of ``obj``'s plain fields, then a section per dataclass field."""
+    cls = type(obj)
+    hints, docs = typing.get_type_hints(cls), field_comments(cls)
+    rows, sections = [], []
+    for f in dataclasses.fields(cls):
+        key, value = f"{prefix}{f.name}", getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            sections += ["", f"### `{key}`: {docs.get(f.name, '')}", "", *_reference_rows(value, key + ".")]
+            continue
+        default = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("\n...")
+        text = (docs.get(f.name) or "(undocumented)").replace("|", "\\|")
+        rows.append(f"| `{key}` | {_type_text(hints[f.name])} | `{default}` | {text} |")
+    table = ["| key | type | default | meaning |", "|---|---|---|---|", *rows] if rows else []
+    return table + sections
+
+
+def reference_markdown() -> str:
+    """docs/config.md: every key of the training and sweep configs with type, default and meaning,
+    taken from the dataclasses and their field comments."""
+    from svis_ray.tuning import SweepConfig
+
+    return "\n".join([
+        "# Configuration reference", "",
+        f"Generated from the dataclasses in `svis_ray/config.py` and `svis_ray/tuning.py` by `{REFERENCE_COMMAND}`;",
+        "edit the field comments there, not this file. `svis-ray config --config X [key=value ...]` prints",
+        "a config as it resolves. Any key can be set as `section.key=value` after a command's other arguments.", "",
+        "## Training config (`svis-ray train`, `svis-ray demo`, `svis-ray pseudo-quality`)",
+        *_reference_rows(Config(), ""), "",
+        "## Sweep config (`svis-ray tune`)", "",
+        *_reference_rows(SweepConfig(), ""), ""])

@@ -14,13 +14,12 @@ atomically) go to ``out_dir``: ``results.json`` (YouTube-VIS / CodaLab format), 
 """
 from __future__ import annotations
 
-import colorsys
 import json
 import os
 import re
 import time
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -29,8 +28,8 @@ import cv2
 import numpy as np
 import ray
 import torch
-from pycocotools import mask as mask_utils
 
+from svis_ray.console import log_file_for
 from svis_ray.data.ingest import read_bytes, resolve
 from svis_ray.data.transforms import resize_image, resized_shape
 from svis_ray.data.ytvis import YTVIS, decode_frame
@@ -39,6 +38,7 @@ from svis_ray.eval import write_results
 from svis_ray.inference import video_frames
 from svis_ray.io import atomic_path, write_json
 from svis_ray.model import load_model
+from svis_ray.pictures import colour, draw_tracks, gt_tracks, match_tracks
 from svis_ray.teacher import teacher_device
 from svis_ray.tracking import TRACKERS, track_video, tracks_to_results
 
@@ -49,46 +49,33 @@ DEFAULT_FPS = 6.0  # YouTube-VIS frames are sampled at 6 fps
 
 
 # ----------------------------------------------------------------------------- drawing
-def colour(i: int) -> tuple[int, int, int]:
-    """A distinct RGB colour per track id (golden-ratio hue steps)."""
-    r, g, b = colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.85, 1.0)
-    return int(255 * r), int(255 * g), int(255 * b)
-
-
-def draw_tracks(img: np.ndarray, tracks: Iterable[tuple[int, str, float, dict | None]],
-                scale: int = 1) -> np.ndarray:
-    """``img`` (uint8 RGB) with each track's mask blended in its colour and ``#id class score`` at the
-    mask's centre. tracks: (id, class name, score, this frame's RLE or None). ``scale`` enlarges the
-    frame (nearest) before the text is drawn, so labels on small frames stay legible."""
-    out = img.astype(np.float32)
-    labels = []
-    for k, name, score, rle in tracks:
-        m = mask_utils.decode(rle).astype(bool) if rle else None
-        if m is None or not m.any():
-            continue
-        out[m] = 0.45 * out[m] + 0.55 * np.array(colour(k), np.float32)
-        ys, xs = np.nonzero(m)
-        labels.append((scale * int(xs.mean()), scale * int(ys.mean()), f"#{k} {name} {score:.2f}", colour(k)))
-    out8 = out.clip(0, 255).astype(np.uint8)
-    if scale != 1:
-        out8 = cv2.resize(out8, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
-    font = max(0.35, out8.shape[1] / 1200)
-    thick = max(1, round(font * 1.5))
-    for x, y, text, c in labels:
-        (tw, _), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font, thick)
-        org = (max(0, x - tw // 2), y)
-        cv2.putText(out8, text, org, cv2.FONT_HERSHEY_SIMPLEX, font, (255, 255, 255), thick + 1, cv2.LINE_AA)
-        cv2.putText(out8, text, org, cv2.FONT_HERSHEY_SIMPLEX, font, c, thick, cv2.LINE_AA)
-    return out8
-
-
 def render_video(frames: Iterable[np.ndarray], tracks: list[dict[str, Any]], out: Path, fps: float,
-                 min_score: float) -> int:
+                 min_score: float, gt: list[dict[str, Any]] | None = None) -> int:
     """Write an mp4 of ``frames`` (original size, RGB) with the tracks drawn; returns the frame count.
+    Frames with a side under 360 pixels are enlarged ``360 // short side`` times (nearest).
 
-    tracks: ``{"id", "class", "score", "segmentations": [RLE or None per frame]}``.
+    tracks: ``{"id", "class", "score", "segmentations": [RLE or None per frame]}``. With ``gt``
+    (the same form, score None), each frame shows the ground truth above the prediction, and a
+    track matched to an object takes its colour.
     """
     shown = [t for t in tracks if t["score"] >= min_score]
+    match = match_tracks([t["segmentations"] for t in shown], [g["segmentations"] for g in gt]) if gt else {}
+    index = {t["id"]: i for i, t in enumerate(shown)}
+
+    def pred_colour(k: int) -> tuple[int, int, int]:
+        i = index[k]
+        return colour(match[i]) if i in match else colour(len(gt or []) + i)
+
+    def draw(img: np.ndarray, t: int) -> np.ndarray:
+        scale = max(1, 360 // min(img.shape[:2]))  # small frames are enlarged, so labels stay legible
+        drawn = draw_tracks(img, [(k["id"], k["class"], k["score"], k["segmentations"][t]) for k in shown],
+                            scale, pred_colour, caption="prediction" if gt else None)
+        if not gt:
+            return drawn
+        truth = draw_tracks(img, [(g["id"], g["class"], None, g["segmentations"][t]) for g in gt],
+                            scale, caption="ground truth")
+        return np.concatenate([truth, drawn])
+
     n = 0
     with atomic_path(out) as tmp:
         # VideoWriter picks the container from the file extension, so the temp file needs ".mp4".
@@ -96,12 +83,12 @@ def render_video(frames: Iterable[np.ndarray], tracks: list[dict[str, Any]], out
         writer = None
         try:
             for t, img in enumerate(frames):
+                drawn = draw(img, t)
                 if writer is None:
-                    size = (img.shape[1], img.shape[0])
+                    size = (drawn.shape[1], drawn.shape[0])
                     writer = cv2.VideoWriter(str(staging), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
                     if not writer.isOpened():
                         raise SvisError(f"{out}: cannot write an mp4 video (OpenCV has no mp4v encoder?)")
-                drawn = draw_tracks(img, [(k["id"], k["class"], k["score"], k["segmentations"][t]) for k in shown])
                 writer.write(cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
                 n += 1
             if writer is not None:
@@ -274,6 +261,7 @@ class _Run:
     records: list[dict[str, Any]]
     videos: dict[str, tuple[Callable[[], Iterator[np.ndarray]], list[dict[str, Any]]]]
     fps: float
+    gt: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # per output name, when annotated
 
 
 def _write_zip(out_dir: Path, results: Path) -> Path:
@@ -321,7 +309,7 @@ def predict(checkpoint: str | os.PathLike, input: str | os.PathLike, out_dir: st
     if render:
         for name, (frames, tracks) in run.videos.items():
             path = out / f"{name}.overlay.mp4"
-            render_video(frames(), tracks, path, run.fps, render_min_score)
+            render_video(frames(), tracks, path, run.fps, render_min_score, gt=run.gt.get(name))
             outputs.append(str(path))
     # frames/s over the prediction itself, not Ray start-up or rendering
     busy = summary["predict_seconds"]
@@ -346,7 +334,7 @@ def _predict_split(ckpt: Path, ann: Path, out: Path, root: str, num_actors: int,
     # Actors need only the videos and categories, not the (possibly large) annotations.
     split = YTVIS({"videos": full.videos, "categories": full.categories}, source=ann)
     root = root if "://" in root else str(Path(root).resolve())
-    ray_init()
+    ray_init(log_file_for(out))  # Ray's worker output -> out/ray.log
     rows = [{"index": i, "video_id": v["id"]} for i, v in enumerate(split.videos)]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
         Predictor, fn_constructor_kwargs={"checkpoint": str(ckpt.resolve()), "split": split, "root": root,
@@ -382,7 +370,8 @@ def _predict_split(ckpt: Path, ann: Path, out: Path, root: str, num_actors: int,
               for i, v in enumerate(split.videos)}
     summary = {"input": str(ann), "videos": len(rows), "frames": frames, "in_process": False, "outputs": [],
                "predict_seconds": time.perf_counter() - start, "tracker": tracker}
-    return _Run(summary, records, videos, fps or DEFAULT_FPS)
+    gt = {str(v["id"]): gt_tracks(full, v["id"]) for v in split.videos} if full.has_annotations else {}
+    return _Run(summary, records, videos, fps or DEFAULT_FPS, gt)
 
 
 def _predict_clip(ckpt: Path, src: Path, out: Path, min_size: int | None, max_size: int | None, window: int,

@@ -21,21 +21,28 @@ import re
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
+import cv2
+import numpy as np
 import ray
 import ray.train
 import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.v2._internal.execution.failure_handling import FailureDecision, FailurePolicy
 
 from svis_ray.config import Config, absolute_paths, check_config, config_from_dict
+from svis_ray.console import console_line, log_file_for, route_worker_output, with_log
 from svis_ray.errors import SvisError
+from svis_ray.pictures import render_eval_picture, write_png
 
 log = logging.getLogger("svis_ray")
 
 PROGRESS_FILE = "progress.json"  # last checkpointed step, read by the dataset factory on restart
+EVAL_PICTURE = "eval.png"  # in an evaluated checkpoint: its tracks picture, shown in TensorBoard
 
 
 # ----------------------------------------------------------------------------- pure helpers
@@ -274,6 +281,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                         json.dump(records, f)
                     with open(os.path.join(d, "metrics.json"), "w") as f:
                         json.dump({**val_metrics, "step": step, "tracker": cfg.inference.tracker}, f, indent=1)
+                    write_png(os.path.join(d, EVAL_PICTURE), render_eval_picture(val, cfg.data.root, records))
                 save_checkpoint(os.path.join(d, "model.pt"), final, class_names,
                                 extra={"step": step, "val_AP": metrics["val_AP"],
                                        "min_size_test": cfg.data.min_size_test,
@@ -325,6 +333,8 @@ class MetricsLogger(UserCallback):
         for k, v in row.items():
             if k not in ("step", "time", "step_start") and not k.startswith("teacher_time"):
                 self.writer.add_scalar(k, v, int(m["step"]))
+        if checkpoint is not None:
+            add_eval_picture(self.writer, checkpoint, int(m["step"]))
         self.writer.flush()
         if checkpoint is not None:
             tmp = os.path.join(self.out_dir, PROGRESS_FILE + ".tmp")
@@ -335,10 +345,22 @@ class MetricsLogger(UserCallback):
         done = int(30 * step / self.max_steps)
         bar = f"[{'#' * done}{'.' * (30 - done)}] " if self.progress_bar else ""
         ap = f" val_AP {100 * m['val_AP']:.1f}" if m.get("val_AP", -1) >= 0 else ""
-        print(f"{bar}step {step}/{self.max_steps} loss {m.get('loss', float('nan')):.3f} "
-              f"lr {m.get('lr', 0):.2e} {m.get('frames_per_s', 0):.1f} frames/s "
-              f"pseudo/frame {m.get('pseudo_per_frame', 0):.2f} lag {m.get('teacher_lag', 0):.0f}{ap}",
+        print(console_line(f"{bar}step {step}/{self.max_steps} loss {m.get('loss', float('nan')):.3f} "
+                           f"lr {m.get('lr', 0):.2e} {m.get('frames_per_s', 0):.1f} frames/s "
+                           f"pseudo/frame {m.get('pseudo_per_frame', 0):.2f} lag {m.get('teacher_lag', 0):.0f}{ap}"),
               flush=True)
+
+
+def add_eval_picture(writer, checkpoint: Checkpoint, step: int) -> None:
+    """The evaluation's picture in ``checkpoint`` (ground truth above the predicted tracks, see
+    ``render_eval_picture``) -> TensorBoard image ``eval/tracks``; nothing if it has none."""
+    try:  # the one file, not the whole checkpoint (which may live on object storage)
+        with checkpoint.filesystem.open_input_file(f"{checkpoint.path}/{EVAL_PICTURE}") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return
+    img = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    writer.add_image("eval/tracks", img, step, dataformats="HWC")
 
 
 # ----------------------------------------------------------------------------- the driver
@@ -388,24 +410,30 @@ def make_dataset_factory(cfg: Config, world_size: int, num_classes: int, store_n
 
 def ingest_options(cfg: Config) -> "ray.data.ExecutionOptions":
     """Train's default ingest options with the stream's object-store budget capped."""
-    opts = ray.train.DataConfig.default_ingest_options()
+    with warnings.catch_warnings():  # Ray Train's defaults still pass Data's deprecated exclude_resources
+        warnings.filterwarnings("ignore", message=".*exclude_resources")
+        opts = ray.train.DataConfig.default_ingest_options()
     opts.resource_limits = opts.resource_limits.copy(object_store_memory=cfg.teacher.max_buffer_mb * 1024**2)
     return opts
 
 
-def ray_init() -> None:
-    """Join the cluster in RAY_ADDRESS (``ray job submit``), else start a local Ray."""
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-    else:
-        # Logical CPUs above the core count: Train workers hold whole CPUs and Ray Data needs some
-        # left for decoding, otherwise a 2-core machine deadlocks (see docs/ray notes).
-        ray.init(address="local", num_cpus=max(8, 2 * (os.cpu_count() or 1)),
-                 object_store_memory=int(os.environ.get("SVIS_OBJECT_STORE_BYTES", 512 * 1024**2)),
-                 include_dashboard=True, log_to_driver=True)
+def ray_init(log_file: Path | None = None) -> Path | None:
+    """Join the cluster in RAY_ADDRESS (``ray job submit``), else start a local Ray.
+
+    ``log_file``: where Ray's worker output goes instead of the console when this process started
+    Ray (svis_ray.console); returns the log file in use, or None."""
+    started = not ray.is_initialized()
+    if started:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(log_to_driver=True)
+        else:
+            # Logical CPUs above the core count: Train workers hold whole CPUs and Ray Data needs some
+            # left for decoding, otherwise a 2-core machine deadlocks (see docs/ray notes).
+            ray.init(address="local", num_cpus=max(8, 2 * (os.cpu_count() or 1)),
+                     object_store_memory=int(os.environ.get("SVIS_OBJECT_STORE_BYTES", 512 * 1024**2)),
+                     include_dashboard=True, log_to_driver=True)
+    return route_worker_output(log_file, take_over=started) if log_file else None
 
 
 def user_error_in(exc: BaseException) -> str | None:
@@ -425,10 +453,34 @@ def user_error_in(exc: BaseException) -> str | None:
         m = re.search(r"SvisError: (.+)", str(e))
         if m:
             return m.group(1).strip()
-        stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+        stack += [e.__cause__, e.__context__, getattr(e, "cause", None), getattr(e, "_base_exc", None)]
         stack += list((getattr(e, "worker_failures", None) or {}).values())
         stack.append(getattr(e, "controller_failure", None))
     return None
+
+
+class UserErrorFailurePolicy(FailurePolicy):
+    """Train's failure policy, except that a user error (``SvisError``: a corrupt frame, a bad
+    annotation or checkpoint) anywhere in a failure fails the run at once: no worker-group restart
+    can fix it. Real faults (a killed worker, a lost node) are still retried up to max_failures."""
+
+    def __init__(self, default: FailurePolicy) -> None:
+        super().__init__(default.failure_config)
+        self.default = default
+
+    def make_decision(self, training_failed_error: ray.train.TrainingFailedError) -> FailureDecision:
+        if user_error_in(training_failed_error):
+            return FailureDecision.RAISE
+        return self.default.make_decision(training_failed_error)
+
+
+class SvisTorchTrainer(TorchTrainer):
+    """``TorchTrainer`` whose controller applies ``UserErrorFailurePolicy``. Ray Train 2.60 builds the
+    policy from ``FailureConfig`` alone, so this wraps it where fit() hands it to the controller."""
+
+    def _initialize_and_run_controller(self, **controller_init_kwargs):
+        controller_init_kwargs["failure_policy"] = UserErrorFailurePolicy(controller_init_kwargs["failure_policy"])
+        return super()._initialize_and_run_controller(**controller_init_kwargs)
 
 
 def run_training(cfg: Config, callbacks: list[UserCallback] | None = None) -> dict[str, Any]:
@@ -446,7 +498,7 @@ def run_training(cfg: Config, callbacks: list[UserCallback] | None = None) -> di
     if cfg.data.val_json:
         load_split(cfg.data.root, cfg.data.val_json)  # fail now, not after an hour of training
     class_names = list(train.class_names)
-    ray_init()
+    log = ray_init(log_file_for(out))
     world = cfg.train.num_workers
     store_name, store = None, None
     if cfg.teacher.mode != "online":
@@ -463,7 +515,7 @@ def run_training(cfg: Config, callbacks: list[UserCallback] | None = None) -> di
     resources = {"CPU": cfg.train.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = 1
-    trainer = TorchTrainer(
+    trainer = SvisTorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "class_names": class_names, "store_name": store_name,
                            "namespace": namespace},
@@ -486,7 +538,9 @@ def run_training(cfg: Config, callbacks: list[UserCallback] | None = None) -> di
     except ray.train.TrainingFailedError as e:
         msg = user_error_in(e)
         if msg:
-            raise SvisError(msg) from None
+            raise SvisError(with_log(msg, log)) from None
+        if log and hasattr(e, "add_note"):  # Python 3.11+: shown under the traceback
+            e.add_note(f"Ray worker output: {log}")
         raise
     # Without a held-out split every val_AP is -1 and get_best_checkpoint would pick the oldest kept
     # checkpoint; the run's model is then its last one (as MinVIS's model_final.pth).

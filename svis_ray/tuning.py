@@ -27,11 +27,13 @@ import yaml
 
 from svis_ray.config import (Config, _build, _merge, absolute_paths, check_config, config_from_dict, load_config,
                              parse_overrides, save_config)
+from svis_ray.console import log_file_for, with_log
 from svis_ray.errors import SvisError
 
 # Sweep YAML form -> Ray Tune domain. randint bounds are both inclusive (Tune's upper is not).
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
 DRIVER_CPUS = 1.0  # what Tune reserves for a trial's driver; Train reserves its workers itself
+USER_ERROR = "user_error"  # result key: the SvisError that ended a trial, and so the sweep
 
 
 @dataclass
@@ -44,22 +46,22 @@ class BaseSection:
 class TuneSection:
     num_samples: int = 8  # trials (times the size of any grid)
     metric: str = "val_AP"  # reported by training at evaluation steps
-    mode: Literal["max", "min"] = "max"
-    max_concurrent_trials: int | None = None  # None: as many as the cluster's CPUs/GPUs hold
+    mode: Literal["max", "min"] = "max"  # whether a higher or a lower metric is better
+    max_concurrent_trials: int | None = None  # null: as many as the cluster's CPUs/GPUs hold
     searcher: Literal["random", "optuna"] = "random"  # optuna needs `pip install svis-ray[optuna]`
-    seed: int = 0
-    grace_period: int | None = None  # ASHA: steps every trial runs before it may be stopped; None: max_t // 4
+    seed: int = 0  # seed of the searcher
+    grace_period: int | None = None  # ASHA: steps every trial runs before it may be stopped; null: max_t // 4
     reduction_factor: float = 2.0  # ASHA keeps the best 1/reduction_factor at each rung
-    max_t: int | None = None  # ASHA's last rung in steps; None: the base train.max_steps
+    max_t: int | None = None  # ASHA's last rung in steps; null: the base train.max_steps
     max_failures: int = 1  # trial restarts (each resumes its Train run from its last checkpoint)
 
 
 @dataclass
 class SweepConfig:
-    base: BaseSection = field(default_factory=BaseSection)
+    base: BaseSection = field(default_factory=BaseSection)  # the training config every trial starts from
     search_space: dict[str, Any] = field(default_factory=dict)  # dotted config key -> {distribution: args}
-    tune: TuneSection = field(default_factory=TuneSection)
-    name: str = "sweep"
+    tune: TuneSection = field(default_factory=TuneSection)  # trials, searcher and ASHA early stopping
+    name: str = "sweep"  # sweep name: its folder, and the Tune experiment that a re-run resumes
     storage_path: str = "runs/tune"  # the sweep folder is <storage_path>/<name>; a shared filesystem on clusters
 
 
@@ -261,7 +263,7 @@ def default_concurrency(cfg: Config, cluster: dict[str, float]) -> int:
     return max(1, min(fits))
 
 
-def _run_trial(params: dict[str, Any], base_config: dict[str, Any], trials_dir: str) -> None:
+def _run_trial(params: dict[str, Any], base_config: dict[str, Any], trials_dir: str, metric: str) -> None:
     """One Tune trial: a Ray Train run whose reports are forwarded to Tune."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -270,7 +272,31 @@ def _run_trial(params: dict[str, Any], base_config: dict[str, Any], trials_dir: 
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(base_config, params, os.path.join(trials_dir, trial_id))
-    run_training(cfg, callbacks=[TuneReportCallback()])
+    try:
+        run_training(cfg, callbacks=[TuneReportCallback()])
+    except SvisError as e:
+        # Reported, not raised: Tune would retry the trial (tune.max_failures), which cannot fix a
+        # bad frame or file; the stopper ends the sweep on it and run_sweep prints the one line.
+        tune.report({USER_ERROR: str(e), "step": 0, metric: float("nan")})
+
+
+def _user_error_stopper():
+    """A Tune stopper that ends the whole sweep when a trial reports a user error: the trials share
+    the data and the base config, so the others would fail the same way."""
+    from ray import tune
+
+    class StopOnUserError(tune.Stopper):
+        def __init__(self) -> None:
+            self.failed = False
+
+        def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+            self.failed = self.failed or bool(result.get(USER_ERROR))
+            return bool(result.get(USER_ERROR))
+
+        def stop_all(self) -> bool:
+            return self.failed
+
+    return StopOnUserError()
 
 
 def _search_algorithm(sweep: Sweep, concurrency: int):
@@ -294,7 +320,7 @@ def build_tuner(sweep: Sweep):
 
     trainable = tune.with_resources(
         tune.with_parameters(_run_trial, base_config=absolute_paths(sweep.base).to_dict(),
-                             trials_dir=str(sweep.dir / "trials")),
+                             trials_dir=str(sweep.dir / "trials"), metric=sweep.settings.tune.metric),
         {"cpu": DRIVER_CPUS})
     if tune.Tuner.can_restore(str(sweep.dir)):
         print(f"resuming the sweep in {sweep.dir}", flush=True)
@@ -314,7 +340,7 @@ def build_tuner(sweep: Sweep):
                                     reduction_factor=t.reduction_factor, stop_last_trials=False)),
         run_config=tune.RunConfig(name=sweep.settings.name, storage_path=str(sweep.dir.parent),
                                   failure_config=tune.FailureConfig(max_failures=t.max_failures),
-                                  verbose=1),
+                                  stop=_user_error_stopper(), verbose=1),
     )
 
 
@@ -405,8 +431,11 @@ def run_sweep(config_path: str, overrides: list[str]) -> dict[str, Any]:
     from svis_ray.train import ray_init
 
     sweep = load_sweep(config_path, overrides)
-    ray_init()
+    log = ray_init(log_file_for(sweep.dir))
     results = build_tuner(sweep).fit()
+    user_errors = [r.metrics[USER_ERROR] for r in results if r.metrics and r.metrics.get(USER_ERROR)]
+    if user_errors:
+        raise SvisError(with_log(user_errors[0], log))
     # Ctrl+C makes fit() return early, marking the unfinished trials terminated in `results`;
     # the experiment state Tune saved (what a resume reads) still lists them as pending/running.
     saved = tune.ExperimentAnalysis(str(sweep.dir)).trials

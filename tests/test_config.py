@@ -87,3 +87,52 @@ def test_cross_field_checks():
         load_config(ROOT / "configs" / "debug.yaml", ["teacher.mode=frozen"])
     with pytest.raises(SvisError, match="train.num_workers must be >= 1"):
         load_config(ROOT / "configs" / "debug.yaml", ["train.num_workers=0"])
+
+
+def test_docs_config_md_is_current():
+    from svis_ray.config import REFERENCE_COMMAND, reference_markdown
+
+    committed = (ROOT / "docs" / "config.md").read_text()
+    assert committed == reference_markdown(), f"docs/config.md is stale: regenerate it with `{REFERENCE_COMMAND}`"
+
+
+def test_every_config_key_is_documented():
+    import dataclasses
+
+    from svis_ray.config import field_comments
+    from svis_ray.tuning import SweepConfig
+
+    def undocumented(cls, prefix):
+        docs = field_comments(cls)
+        for f in dataclasses.fields(cls):
+            if not docs.get(f.name):
+                yield prefix + f.name
+            tp = cls.__dataclass_fields__[f.name].default_factory
+            if dataclasses.is_dataclass(tp):
+                yield from undocumented(tp, f"{prefix}{f.name}.")
+
+    missing = [*undocumented(Config, ""), *undocumented(SweepConfig, "")]
+    assert not missing, f"add a comment after these fields in svis_ray/config.py or tuning.py: {missing}"
+
+
+def test_field_comments_take_the_comment_after_or_above_a_field():
+    from svis_ray.config import PseudoConfig, TeacherConfig, field_comments
+
+    docs = field_comments(TeacherConfig)
+    assert docs["publish_every"] == "rank 0 publishes the EMA weights every K steps"
+    assert docs["max_buffer_mb"].startswith("Object store the training stream may fill") and "\n" not in docs["max_buffer_mb"]
+    assert "GrabCut" in field_comments(PseudoConfig)["refine"]
+
+
+def test_config_command_prints_the_resolved_config_as_yaml(capsys):
+    import yaml
+
+    from svis_ray.cli import main
+
+    assert main(["config", "--config", str(ROOT / "configs" / "debug.yaml"), "pseudo.score_threshold=0.7"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    cfg = config_from_dict(printed)
+    assert cfg.pseudo.score_threshold == 0.7 and cfg.train.max_steps == 400  # the override and the file's value
+    assert cfg.loss.eos_coef == Config().loss.eos_coef  # a default the file does not set
+    assert main(["config", "--config", str(ROOT / "configs" / "debug.yaml"), "pseudo.score_treshold=0.7"]) == 2
+    assert "did you mean 'score_threshold'" in capsys.readouterr().err

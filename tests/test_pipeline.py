@@ -53,6 +53,11 @@ def test_debug_run_two_workers_two_teachers(ray_local, sparse_root, tmp_path, on
     for name in ("best.pt", "results.json", "metrics.json", "metrics.csv", "config.yaml"):
         assert (run / name).exists(), name
     assert list((run / "tb").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(run / "tb"), size_guidance={"images": 0})
+    tb.Reload()
+    assert [e.step for e in tb.Images("eval/tracks")] == [5, 10]  # the picture of every evaluation
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics) >= {"AP", "AP50", "AP75", "AR1", "AR10", "per_category"}
     rows = read_rows(run / "metrics.csv")
@@ -83,9 +88,13 @@ def test_debug_run_two_workers_two_teachers(ray_local, sparse_root, tmp_path, on
 
 
 def _train_worker_pids():
+    import ray
     from ray.util.state import list_actors
 
-    return [a.pid for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+    # This session's GCS: without an address the State API asks the Ray started last on the
+    # machine, which on a shared box may be someone else's.
+    return [a.pid for a in list_actors(address=ray.get_runtime_context().gcs_address,
+                                       filters=[("state", "=", "ALIVE")], limit=1000)
             if "RayTrainWorker" in a.class_name]
 
 
@@ -195,14 +204,23 @@ def test_corrupt_frame_stops_the_run_with_its_path(sparse_root, tmp_path):
         bad[-1].write_bytes(b"\xff\xd8 truncated")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
+    # max_failures=2: Train could restart the worker group, but no restart can fix a corrupt frame
     r = subprocess.run([sys.executable, "-m", "svis_ray", "train", "--config", str(ROOT / "configs" / "debug.yaml"),
                         f"data.root={root}", f"output.dir={tmp_path / 'run'}", "train.max_steps=4",
-                        "train.milestones=[]", "train.max_failures=0", "train.num_workers=1",
+                        "train.milestones=[]", "train.max_failures=2", "train.num_workers=1",
                         "teacher.mode=online", "train.checkpoint_every=4"],
                        capture_output=True, text=True, env=env, timeout=500)
     assert r.returncode == 2, r.stderr[-2000:]
     last = r.stderr.strip().splitlines()[-1]
+    log = tmp_path / "run" / "ray.log"
     assert last.startswith("svis-ray: error:") and any(str(p) in last for p in bad), last
+    assert last.endswith(f"(Ray worker output: {log})")
+    # One line, not Ray's worker tracebacks: those are in the log the line names.
+    output = (r.stdout + r.stderr).strip().splitlines()
+    assert "Traceback" not in r.stdout + r.stderr and len(output) <= 6, output
+    worker_output = log.read_text()
+    assert "Traceback" in worker_output and "not a decodable image" in worker_output
+    assert worker_output.count("Attempting to start training worker group") == 1  # one attempt, no restart
 
 
 # Needs the shared local Ray, so it lives here, after test_job_submit.py (see that module).

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -52,6 +52,28 @@ def match_frame(pred_masks: np.ndarray, pred_labels: np.ndarray, gt_masks: np.nd
     correct = np.zeros(p, bool)
     correct[rows] = same[rows, cols] >= iou
     return correct, ious.max(1)
+
+
+def label_kinds(pred_masks: np.ndarray, pred_labels: np.ndarray, gt_masks: np.ndarray, gt_labels: np.ndarray,
+                iou: float = 0.5) -> np.ndarray:
+    """What each pseudo-label of one frame is: "correct" (``match_frame``), else "duplicate" (it
+    overlaps an object another pseudo-label claims correctly, IoU >= ``iou``), "wrong_class" (an
+    unclaimed object, another class), "poor_mask" (best IoU 0.1 to ``iou``) or "background".
+    Shapes as in ``match_frame``; returns object [P]."""
+    kinds = np.full(len(pred_masks), "background", object)
+    if len(pred_masks) == 0 or len(gt_masks) == 0:
+        return kinds
+    ious = mask_iou(torch.from_numpy(pred_masks), torch.from_numpy(gt_masks)).numpy()
+    correct, _ = match_frame(pred_masks, pred_labels, gt_masks, gt_labels, iou)
+    claimed = (ious[correct] >= iou).any(0) if correct.any() else np.zeros(len(gt_masks), bool)
+    for i, j in enumerate(ious.argmax(1)):
+        if correct[i]:
+            kinds[i] = "correct"
+        elif ious[i, j] >= iou:
+            kinds[i] = "duplicate" if claimed[j] or pred_labels[i] == gt_labels[j] else "wrong_class"
+        elif ious[i, j] >= 0.1:
+            kinds[i] = "poor_mask"
+    return kinds
 
 
 class _Tally:
@@ -101,12 +123,14 @@ def frame_gt(full: YTVIS, video_id: int, t: int, shape: tuple[int, int]) -> tupl
 
 @torch.no_grad()
 def pseudo_quality(cfg: Config, model: torch.nn.Module, full_json: str, thresholds: list[float] | None = None,
-                   max_videos: int | None = None, iou: float = 0.5) -> dict[str, Any]:
+                   max_videos: int | None = None, iou: float = 0.5, on_frame: Callable | None = None) -> dict[str, Any]:
     """Score ``model``'s pseudo-labels on ``cfg.data.train_json`` against ``full_json``.
 
     ``cfg.pseudo`` is the filter; ``thresholds`` adds variants that differ only in
     ``pseudo.score_threshold``. Returns ``{"videos", "frames", "gt_instances", "variants":
-    {"score_threshold=X": summary}}`` (summary: see ``_Tally.summary``).
+    {"score_threshold=X": summary}}`` (summary: see ``_Tally.summary``). ``on_frame(video_id, t,
+    image, gt_masks, gt_labels, pseudo, kinds)`` sees every scored frame with ``cfg.pseudo``'s
+    pseudo-labels and their ``label_kinds`` (``--render``: svis_ray.pictures.PseudoLabelGallery).
     """
     sparse = load_split(cfg.data.root, cfg.data.train_json)
     full = load_split(cfg.data.root, full_json)
@@ -162,6 +186,9 @@ def pseudo_quality(cfg: Config, model: torch.nn.Module, full_json: str, threshol
                                        tracker=cfg.inference.tracker)[slot]
                 correct, ious = match_frame(fp.masks, fp.labels, gt_masks, gt_labels, iou)
                 tallies[name].add(fp, correct, ious, abs(t - anchor))
+                if on_frame is not None and pcfg == cfg.pseudo:
+                    on_frame(vid, t, image[t], gt_masks, gt_labels, fp,
+                             label_kinds(fp.masks, fp.labels, gt_masks, gt_labels, iou))
     if not frames:
         raise SvisError(f"{sparse.source}: no unlabelled frames to pseudo-label (is it a sparse split? "
                         f"see svis-ray sparsify)")
