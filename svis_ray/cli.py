@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
+from pathlib import Path
 
 from svis_ray.errors import SvisError
 
@@ -81,10 +82,27 @@ def cmd_demo(a: argparse.Namespace) -> None:
     run_demo(a.out, a.overrides)
 
 
+def cmd_export(a: argparse.Namespace) -> None:
+    from svis_ray.deploy import export_onnx
+
+    names = None
+    if a.classes:
+        from svis_ray.data.ytvis import YTVIS
+
+        names = YTVIS.load(a.classes).class_names
+    s = export_onnx(a.checkpoint, a.out, height=a.height, width=a.width, dynamic=a.dynamic, class_names=names,
+                    source=str(a.classes))
+    axes = "batch, height and width" if s["dynamic"] else f"batch (frames up to {s['height']}x{s['width']})"
+    print(f"wrote {s['out']}: ONNX opset {s['opset']}, {s['bytes'] / 2**20:.1f} MiB, dynamic {axes}; "
+          f"onnx.checker OK")
+
+
 def cmd_predict(a: argparse.Namespace) -> None:
     from svis_ray.predict import predict
 
-    s = predict(a.checkpoint, a.input, a.out, frame_root=a.frame_root, zip_results=a.zip, render=a.render,
+    if a.onnx and Path(a.onnx).suffix.lower() != ".onnx":
+        raise SvisError(f"{a.onnx}: --onnx takes a .onnx file (made by svis-ray export)")
+    s = predict(a.onnx or a.checkpoint, a.input, a.out, frame_root=a.frame_root, zip_results=a.zip, render=a.render,
                 num_actors=a.actors, gpus_per_actor=a.gpus_per_actor, min_size=a.min_size, max_size=a.max_size,
                 window=a.window, topk=a.topk, fps=a.fps, render_min_score=a.min_score, tracker=a.tracker)
     where = "in this process" if s["in_process"] else "on Ray"
@@ -252,9 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = add("predict", help="predict tracks for a YTVIS split, a frame folder or a video file",
             example="svis-ray predict demo/data/val.json --checkpoint demo/run/best.pt --out preds --render")
     s.add_argument("input", help="YTVIS JSON (e.g. valid.json), a folder of frames, or a video file")
-    s.add_argument("--checkpoint", required=True,
-                   help="svis-ray checkpoint (best.pt of a training run) or an official MinVIS/Mask2Former-VIS R50 "
-                        ".pth (class names from the JSON's categories)")
+    model = s.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint",
+                       help="svis-ray checkpoint (best.pt of a training run) or an official MinVIS/Mask2Former-VIS "
+                            "R50 .pth (class names from the JSON's categories)")
+    model.add_argument("--onnx", help="ONNX model from svis-ray export, run by onnxruntime instead of PyTorch")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--frame-root", default=None, help="dataset folder holding JPEGImages/ (default: the JSON's)")
     s.add_argument("--zip", action="store_true", help="also write submission.zip (results.json only)")
@@ -271,6 +291,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fps", type=float, default=None, help="frame rate of rendered frame folders (default 6)")
     s.add_argument("--min-score", type=float, default=0.3, help="tracks drawn and counted as confident")
     s.set_defaults(func=cmd_predict)
+
+    s = add("export", help="export a checkpoint's per-frame model to ONNX (for predict --onnx)",
+            example="svis-ray export --checkpoint demo/run/best.pt --out model.onnx --dynamic")
+    s.add_argument("--checkpoint", required=True, help="svis-ray checkpoint, or an official MinVIS .pth with --classes")
+    s.add_argument("--out", required=True, help="ONNX file to write (atomically)")
+    s.add_argument("--height", type=int, default=None,
+                   help="example input height, rounded up to /32 (default: the checkpoint's short test side)")
+    s.add_argument("--width", type=int, default=None,
+                   help="example input width, rounded up to /32 (default: the checkpoint's long-side cap)")
+    s.add_argument("--dynamic", action="store_true",
+                   help="dynamic height and width (else the model takes frames up to the example size, zero-padded)")
+    s.add_argument("--classes", default=None, metavar="YTVIS_JSON",
+                   help="a JSON whose categories name an official checkpoint's classes")
+    s.set_defaults(func=cmd_export)
 
     s = add("config", help="print the resolved configuration as YAML, or the reference of every key",
             example="svis-ray config --config configs/debug.yaml pseudo.score_threshold=0.8")

@@ -2,7 +2,8 @@
 
 The checkpoint is an svis-ray one (``best.pt``) or an official MinVIS / Mask2Former-VIS R50
 ``model_final.pth``; the latter names no classes, so its class names come from the YTVIS JSON's
-categories (the counts must match). Tracks are linked with the checkpoint's tracker (MinVIS's
+categories (the counts must match). A ``.onnx`` file (``svis-ray export``) is run by onnxruntime
+instead of PyTorch (``load_frame_model``); everything after the per-frame model is the same. Tracks are linked with the checkpoint's tracker (MinVIS's
 own for an official checkpoint) unless ``tracker`` says otherwise.
 
 A YTVIS JSON (e.g. the valid/test split, no annotations needed) runs as Ray Data batch inference:
@@ -191,6 +192,23 @@ def _check_classes(checkpoint: Path, info: dict[str, Any], split: YTVIS) -> None
                         f"of {split.source} {split.class_names}")
 
 
+def load_frame_model(path: str | os.PathLike, device: torch.device | str, class_names: list[str] | None = None,
+                     source: str = "the dataset") -> tuple[Callable[[torch.Tensor], dict], dict, torch.device]:
+    """The per-frame model that ``track_video`` runs -> (model, info, device of its input).
+
+    A ``.onnx`` file becomes a ``deploy.OnnxModel`` (onnxruntime, CUDA provider when present; its
+    input stays on the CPU), anything else ``model.load_model(path, device, ...)``. info:
+    ``config``, ``class_names``, ``extra`` (test sizes, tracker) from the checkpoint or the ONNX metadata.
+    """
+    if Path(path).suffix.lower() == ".onnx":
+        from svis_ray.deploy import OnnxModel  # onnxruntime only where an ONNX model is run
+
+        onnx_model = OnnxModel(path)
+        return onnx_model, onnx_model.info, torch.device("cpu")
+    model, info = load_model(path, device, class_names, source)
+    return model, info, torch.device(device)
+
+
 # ----------------------------------------------------------------------------- Ray Data actor
 class Predictor:
     """Ray Data actor for ``map_batches``: loads the checkpoint once, then tracks one video per row.
@@ -202,8 +220,8 @@ class Predictor:
 
     def __init__(self, checkpoint: str, split: YTVIS, root: str, min_size: int, max_size: int,
                  window: int, topk: int, tracker: str):
-        self.device = teacher_device()
-        self.model, _ = load_model(checkpoint, self.device, split.class_names, str(split.source))
+        self.model, _, self.device = load_frame_model(checkpoint, teacher_device(), split.class_names,
+                                                      str(split.source))
         self.split, self.root = split, root
         self.min_size, self.max_size, self.window, self.topk = min_size, max_size, window, topk
         self.tracker = tracker
@@ -280,6 +298,7 @@ def predict(checkpoint: str | os.PathLike, input: str | os.PathLike, out_dir: st
             log: Callable[[str], None] = partial(print, flush=True)) -> dict[str, Any]:
     """Predict tracks for ``input`` (YTVIS JSON, frame folder or video file) into ``out_dir``.
 
+    ``checkpoint``: an svis-ray or official checkpoint, or a ``.onnx`` export (``load_frame_model``).
     ``frame_root``: dataset folder holding ``JPEGImages/`` for a JSON (default: the JSON's folder).
     ``fps``: frame rate of rendered frame folders and splits (video files keep their own rate).
     ``tracker``: "minvis" or "svis" (``tracking.TRACKERS``); default: the checkpoint's.
@@ -325,7 +344,7 @@ def _predict_split(ckpt: Path, ann: Path, out: Path, root: str, num_actors: int,
     from svis_ray.train import ray_init  # Ray Train is heavy; only this path needs a cluster
 
     full = YTVIS.load(ann)
-    _, info = load_model(ckpt, "cpu", full.class_names, str(ann))
+    _, info, _ = load_frame_model(ckpt, "cpu", full.class_names, str(ann))
     _check_classes(ckpt, info, full)
     if not full.videos:
         raise SvisError(f"{ann}: the file lists no videos")
@@ -377,12 +396,12 @@ def _predict_split(ckpt: Path, ann: Path, out: Path, root: str, num_actors: int,
 def _predict_clip(ckpt: Path, src: Path, out: Path, min_size: int | None, max_size: int | None, window: int,
                   topk: int, fps: float | None, tracker: str | None, log: Callable[[str], None]) -> _Run:
     clip = open_clip(src, fps)  # before the checkpoint: a bad input fails at once
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, info = load_model(ckpt, device)
+    model, info, device = load_frame_model(ckpt, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     short, longest = _inference_size(info, min_size, max_size)
     tracker = _tracker(info, tracker)
     shape = resized_shape(clip.height, clip.width, short, longest)
-    log(f"predict: one video ({src}), in this process on {device}, at {shape[0]}x{shape[1]}, {tracker} tracker")
+    where = f"onnxruntime ({', '.join(model.providers)})" if hasattr(model, "providers") else device
+    log(f"predict: one video ({src}), in this process on {where}, at {shape[0]}x{shape[1]}, {tracker} tracker")
     start, count = time.perf_counter(), 0
 
     def resized() -> Iterator[np.ndarray]:

@@ -17,7 +17,7 @@ Two trackers (``TRACKERS``, config key ``inference.tracker``, ``predict --tracke
   the absent frames null, so keeping those masks only adds false-positive pixels to the track.
 """
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,11 +92,13 @@ def _windows(frames: Iterable[np.ndarray], window: int) -> Iterator[list[np.ndar
 
 
 @torch.no_grad()
-def track_video(model: nn.Module, frames: Iterable[np.ndarray], window: int = 30, topk: int = 10,
-                out_size: tuple[int, int] | None = None, device: torch.device | str | None = None,
+def track_video(model: nn.Module | Callable[[Tensor], dict], frames: Iterable[np.ndarray], window: int = 30,
+                topk: int = 10, out_size: tuple[int, int] | None = None, device: torch.device | str | None = None,
                 tracker: str | Tracker = "minvis") -> list[dict]:
     """Segment and track the instances of one video.
 
+    model: a ``MinVIS`` (run in eval mode) or any callable with its contract for ``pred_logits``,
+    ``pred_masks`` and ``pred_embds``, e.g. ``deploy.OnnxModel`` (then ``device`` defaults to the CPU).
     frames: T uint8 RGB arrays [h, w, 3], all the same size (already resized for inference); each
     window goes through ``preprocess_frames`` (normalise, then zero-pad to /32).
     out_size: (H, W) of the returned masks, normally the original frame size; default (h, w).
@@ -110,10 +112,14 @@ def track_video(model: nn.Module, frames: Iterable[np.ndarray], window: int = 30
     CPU, T x Q x h/4 x w/4 floats), plus a running logit sum and the previous frame's
     embeddings, because the top-k tracks are known only after the last frame.
     """
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    module = isinstance(model, nn.Module)
+    if device is None:
+        device = next(model.parameters()).device if module else "cpu"
+    device = torch.device(device)
     track = get_tracker(tracker)
-    was_training = model.training
-    model.eval()
+    was_training = module and model.training
+    if module:
+        model.eval()
 
     logit_sum = None  # [Q, K+1], sum over frames of the aligned class logits
     prev_embds = prev_masks = None  # [Q, C] and [Q, h/4, w/4], aligned, of the previous frame
@@ -141,7 +147,8 @@ def track_video(model: nn.Module, frames: Iterable[np.ndarray], window: int = 30
                 masks_lowres.append(masks.float().cpu())
                 absent.append((logits.softmax(-1)[:, -1] > track.absent_threshold).cpu())
     finally:
-        model.train(was_training)
+        if module:
+            model.train(was_training)
     if logit_sum is None:
         return []
 

@@ -28,6 +28,18 @@ def sine_pos_embed(h: int, w: int, dim: int, device: torch.device) -> torch.Tens
     return torch.cat((pos_y, pos_x), dim=-1).flatten(0, 1)
 
 
+def level_wh(shapes: list[tuple[int, int]]) -> torch.Tensor:
+    """[(H_l, W_l)] -> int64 [L, 2] of (W_l, H_l).
+
+    While ``torch.onnx.export`` traces, the sizes are 0-dim tensors: they are stacked, so the
+    graph computes them from its input, where ``torch.tensor`` would freeze the example's sizes
+    (wrong sampling offsets at every other input size).
+    """
+    if torch.jit.is_tracing():
+        return torch.stack([torch.stack((w, h)) for h, w in shapes])
+    return torch.tensor([(w, h) for h, w in shapes])
+
+
 def ms_deform_attn(value: torch.Tensor, shapes: list[tuple[int, int]], locations: torch.Tensor,
                    weights: torch.Tensor) -> torch.Tensor:
     """Multi-scale deformable attention core (bilinear sampling with zero padding).
@@ -91,7 +103,7 @@ class MSDeformAttn(nn.Module):
         offsets = self.sampling_offsets(query).view(B, Q, M, L, P, 2)
         weights = self.attention_weights(query).view(B, Q, M, L * P).softmax(-1).view(B, Q, M, L, P)
         # offsets are in pixels of each level: normalise by that level's (W, H)
-        wh = torch.tensor([(w, h) for h, w in shapes], dtype=query.dtype, device=query.device)
+        wh = level_wh(shapes).to(query)
         locations = reference_points[:, :, None, :, None] + offsets / wh[:, None]
         return self.output_proj(ms_deform_attn(value, shapes, locations, weights))
 

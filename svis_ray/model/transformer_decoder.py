@@ -105,7 +105,9 @@ class MaskedAttentionDecoder(nn.Module):
             return self.class_embed(x), masks, None
         # attend only where the current mask is foreground: sigmoid(logit) < 0.5 <=> logit < 0
         blocked = F.interpolate(masks, size=attn_size, mode="bilinear", align_corners=False).flatten(2).detach() < 0
-        blocked[blocked.all(-1)] = False  # an empty mask would block every key (NaN): attend everywhere
+        # an empty mask would block every key (NaN): attend everywhere. An elementwise AND rather
+        # than an in-place boolean-index assignment, so the ONNX graph has no bool Where/ScatterND
+        blocked = blocked & ~blocked.all(-1, keepdim=True)
         return self.class_embed(x), masks, blocked.repeat_interleave(self.nheads, dim=0)
 
     def forward(self, features: list[torch.Tensor], mask_features: torch.Tensor) -> dict:
