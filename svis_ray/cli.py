@@ -9,6 +9,7 @@ import argparse
 import functools
 import sys
 
+from svis_ray.data.families import DEFAULT_FAMILY, FAMILIES
 from svis_ray.errors import SvisError
 
 
@@ -47,11 +48,13 @@ def cmd_split(a: argparse.Namespace) -> None:
 
 
 def cmd_demo_data(a: argparse.Namespace) -> None:
-    from svis_ray.data.demo import make_demo_data
+    from svis_ray.data.families import make_family_data
 
-    s = make_demo_data(a.out, videos=a.videos, frames=a.frames, size=a.size, seed=a.seed,
-                       val_videos=a.val_videos)
-    print(f"{a.out}: {s['train_videos']} train + {s['val_videos']} val videos, {s['frames']} frames "
+    s = make_family_data(a.family, a.out, videos=a.videos, frames=a.frames, size=a.size, seed=a.seed,
+                         val_videos=a.val_videos)
+    frames = f"{s['frames']} frames" if "total_frames" not in s else \
+        f"up to {s['frames']} frames ({s['total_frames']} in all, {s['empty_videos']} empty videos)"
+    print(f"{a.out}: {a.family} family, {s['train_videos']} train + {s['val_videos']} val videos, {frames} "
           f"of {s['size'][0]}x{s['size'][1]}, {s['instances']} instances, {s['categories']} categories")
 
 
@@ -188,12 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--val-out", required=True, help="JSON of the held-out videos")
     s.set_defaults(func=cmd_split)
 
-    s = add("demo-data", help="write the synthetic demo dataset (YTVIS 2019 layout)",
-            example="svis-ray demo-data --out demo_data --videos 8 --val-videos 2")
+    s = add("demo-data", help="write a synthetic demo dataset (YTVIS 2019 layout)",
+            example="svis-ray demo-data --out demo_data --videos 8 --val-videos 2 --family creatures")
     s.add_argument("--out", required=True, help="folder to write (JPEGImages/, train.json, val.json)")
+    s.add_argument("--family", choices=FAMILIES, default=DEFAULT_FAMILY,
+                   help="shapes: rigid shapes, 12 frames of 96x128 (svis-ray demo's); creatures: deforming "
+                        "textured creatures, 6-36 frames of 80x144, camera pan and zoom, empty videos")
     s.add_argument("--videos", type=int, default=None, help="training videos")
     s.add_argument("--val-videos", type=int, default=None, help="held-out videos")
-    s.add_argument("--frames", type=int, default=None, help="frames per video")
+    s.add_argument("--frames", type=int, default=None, help="frames per video (creatures: the longest video)")
     s.add_argument("--size", type=_size, default=None, help="frame size HxW")
     s.add_argument("--seed", type=int, default=0, help="seed of the generator")
     s.set_defaults(func=cmd_demo_data)
