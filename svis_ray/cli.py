@@ -99,10 +99,17 @@ def cmd_predict(a: argparse.Namespace) -> None:
 
 
 def cmd_benchmark(a: argparse.Namespace) -> None:
-    from svis_ray.benchmark import parse_seeds, run
+    from svis_ray.benchmark import BenchData, parse_seeds, run
 
     recipes = [r for r in a.recipes.split(",") if r] if a.recipes else None
-    if run(a.out, parse_seeds(a.seeds), a.overrides, recipes=recipes, reuse=a.reuse) != 0:
+    if a.data and a.family:
+        raise SvisError("benchmark: give --data (your YTVIS data) or --family (generated demo data), not both")
+    if not a.data and (a.train_json or a.val_json):
+        raise SvisError("benchmark: --train-json and --val-json need --data")
+    bench = BenchData(family=None if a.data else (a.family or DEFAULT_FAMILY), root=a.data,
+                      train_json=a.train_json or "train.json", val_json=a.val_json, val_fraction=a.val_fraction,
+                      min_size=a.min_size, max_size=a.max_size)
+    if run(a.out, parse_seeds(a.seeds), a.overrides, recipes=recipes, reuse=a.reuse, bench=bench) != 0:
         raise SvisError(f"{a.out}/accuracy.json: benchmark goals missed (see the table above)")
 
 
@@ -230,7 +237,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_tune)
 
     s = add("benchmark", help="accuracy benchmark: full vs 1 frame vs Sparse-MinVIS vs svis-ray",
-            example="svis-ray benchmark --out bench_out --seeds 0,1,2")
+            example="svis-ray benchmark --data my_data --train-json train.json --out bench_mine --seeds 0")
+    s.add_argument("--family", choices=FAMILIES, default=None,
+                   help=f"generated demo family to measure on (default {DEFAULT_FAMILY}; see demo-data)")
+    s.add_argument("--data", default=None, metavar="DIR",
+                   help="your fully labelled YTVIS data instead: the folder holding JPEGImages/")
+    s.add_argument("--train-json", default=None, help="with --data: the training videos' full labels (default train.json)")
+    s.add_argument("--val-json", default=None,
+                   help="with --data: held-out videos with full labels (default: hold out --val-fraction of --train-json)")
+    s.add_argument("--val-fraction", type=float, default=0.2, help="with --data and no --val-json: videos held out")
+    s.add_argument("--min-size", type=int, default=None, help="short side to train and test at (default: the frames', at most 360)")
+    s.add_argument("--max-size", type=int, default=None, help="long-side cap (default: 256 or the frames' long side at --min-size)")
     s.add_argument("--out", default="bench_out", help="folder for the runs and accuracy.{json,txt,png}")
     s.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
     s.add_argument("--recipes", default=None, help="train these for every seed, e.g. svis_ray (default: all four; with --reuse, none)")
