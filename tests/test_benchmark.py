@@ -28,7 +28,7 @@ def test_goals_follow_the_issue():
     assert [k for k, ok in missed.items() if not ok] == ["recovered >= 0.85"]
     assert all(goals(results((0.24,), (0.16,), (0.18,), (0.22,)), "creatures").values())
     # one seed below labelled-only fails, even when the mean is above it
-    one_seed = goals(results((0.24, 0.24), (0.16, 0.20), (0.17, 0.17), (0.24, 0.19)), "creatures")
+    one_seed = goals(results((0.24, 0.24), (0.16, 0.20), (0.17, 0.17), (0.25, 0.19)), "creatures")
     assert [k for k, ok in one_seed.items() if not ok] == ["svis_ray >= labelled_only on every seed"]
     # not learnable (full under 20 AP) or labels do not matter (gap under 4 AP)
     weak = goals(results((0.12,), (0.05,), (0.06,), (0.11,)), "creatures")
