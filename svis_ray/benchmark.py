@@ -1,8 +1,16 @@
-"""The sparse-supervision claim, measured: four training recipes on the demo data, same seeds
-and step budget, evaluated on 80 held-out demo videos.
+"""The sparse-supervision claim, measured: four training recipes, same seeds and step budget,
+evaluated on held-out videos with full labels -- on a generated demo family or on any YTVIS data.
 
     svis-ray benchmark [--out bench_out] [--seeds 0,1,2] [--recipes a,b] [--reuse OLD/accuracy.json]
-                      [key=value ...]                                  (or python bench/accuracy.py)
+                      [--family shapes|creatures | --data DIR [--train-json J] [--val-json J]]
+                      [--min-size N] [--max-size N] [key=value ...]     (python bench/accuracy.py: both families)
+
+Data: ``--family`` generates a demo family (default ``shapes``, 80 held-out videos); ``--data DIR``
+takes a user's fully labelled YTVIS data (DIR holds JPEGImages/; ``--train-json``, default
+train.json, and ``--val-json``, else ``--val-fraction`` of the training videos held out). Either
+way the benchmark writes the split and its one-labelled-frame subset (the middle frame) to
+OUT/data/ and sets ``data.min_size_*`` to the frames' short side (at most 360) and
+``data.max_size_*`` to at least their long side, unless ``--min-size``/``--max-size`` say otherwise.
 
   full            every frame labelled (the fully supervised reference)
   labelled_only   one labelled frame per video (MinVIS "1%": the middle frame), nothing else
@@ -14,8 +22,10 @@ Every recipe trains on the same number of frames per step (labelled_only takes 6
 labelled clips instead of the debug config's 3 clips of 1 labelled + 1 unlabelled frame). Command-line ``key=value`` overrides apply to
 every recipe, but a recipe's own keys (above) win: they are what defines it. Writes DIR/accuracy.json
 ({recipe: {"seeds": {seed: metrics}, "mean": ..., "std": ...}}) and DIR/accuracy.png, prints the
-table, and exits 2 (one error line) unless svis_ray >= 0.9 x full, svis_ray >= labelled_only + 5 AP and
-svis_ray > sparse_minvis (mean AP).
+table, and exits 2 (one error line) unless the goals of issue 30 hold (``goals``): full >= 20 AP
+and >= labelled_only + 4 AP (the data is learnable and labels matter), svis_ray >= labelled_only on
+every seed, recovered = (svis_ray - labelled_only) / (full - labelled_only) >= 0.85 on the shapes
+family (0.6 on any other data), and svis_ray > sparse_minvis (mean AP).
 
 Each recipe's entry also records its resolved config and a hash of the demo data, so that
 ``--recipes svis_ray --reuse OLD/accuracy.json`` can retrain only the recipe being changed (an
@@ -30,6 +40,7 @@ import hashlib
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -53,9 +64,40 @@ RECIPES = {
 # config repeated only to within about +-1-2 AP -- and happened to be harder than the next 64.
 # More videos cost evaluation time only; the 96 training videos stay the same.
 VAL_VIDEOS = 80
+# The creatures family's videos are 21 frames long on average (shapes: 12), so fewer of them give
+# as many held-out frames.
+FAMILY_VAL_VIDEOS = {"shapes": VAL_VIDEOS, "creatures": 48}
+DEFAULT_FAMILY = "shapes"
+# Goals (issue 30), mean AP as fractions: recovered share of the supervision gap, per family
+# (the shapes family's defaults were tuned there, so more is asked of it).
+MIN_FULL_AP = 0.20
+MIN_SUPERVISION_GAP = 0.04
+MIN_RECOVERED = {"shapes": 0.85}
+MIN_RECOVERED_OTHER = 0.6
+MAX_MIN_SIZE = 360  # the short side the benchmark trains at on large frames (YouTube-VIS's 360p)
 
 
-def bar_chart(summary: dict, out: Path) -> None:
+@dataclass
+class BenchData:
+    """Where the benchmark's data comes from: a generated demo ``family``, or ``root`` (a folder
+    holding JPEGImages/) with fully labelled ``train_json`` and optionally ``val_json`` (paths
+    under ``root`` unless absolute); without ``val_json``, ``val_fraction`` of the training
+    videos are held out. ``min_size``/``max_size``: training and test sizes (None: from the frames)."""
+
+    family: str | None = DEFAULT_FAMILY
+    root: str | None = None
+    train_json: str = "train.json"
+    val_json: str | None = None
+    val_fraction: float = 0.2
+    min_size: int | None = None
+    max_size: int | None = None
+
+    @property
+    def name(self) -> str:
+        return self.family or f"data {self.root}"
+
+
+def bar_chart(summary: dict, out: Path, title: str = "demo data") -> None:
     """Held-out AP per recipe: the mean as a bar, ± one standard deviation over the seeds as an
     error bar, and every seed as a dot, on an axis with grid lines every 5 AP."""
     from svis_ray.pictures import write_png
@@ -88,7 +130,7 @@ def bar_chart(summary: dict, out: Path) -> None:
         for text, row, size, ink in ((name, 18, 0.4, (0, 0, 0)), (f"{len(seeds[name])} seeds", 34, 0.35, (90, 90, 90))):
             width = cv2.getTextSize(text, font, size, 1)[0][0]
             cv2.putText(img, text, (x + 40 - width // 2, bottom + row), font, size, ink, 1, cv2.LINE_AA)
-    cv2.putText(img, "held-out mask AP (demo data): mean, +- 1 std over seeds, dots = seeds", (10, 18), font, 0.45,
+    cv2.putText(img, f"held-out mask AP ({title}): mean, +- 1 std over seeds, dots = seeds", (10, 18), font, 0.45,
                 (0, 0, 0), 1, cv2.LINE_AA)
     write_png(out, img)
 
@@ -103,11 +145,25 @@ def summarize(results: dict[str, dict]) -> dict[str, dict]:
     return results
 
 
-def goals(results: dict[str, dict]) -> dict[str, bool]:
-    """The issue's three claims on the mean AP (fractions, as the evaluator writes them)."""
+def recovered(results: dict[str, dict]) -> float | None:
+    """(svis_ray - labelled_only) / (full - labelled_only) on the mean AP: the share of the
+    supervision gap that pseudo-labels win back; None without a gap."""
     ap = {name: r["mean"]["AP"] for name, r in results.items()}
-    return {"svis_ray >= 0.9 x full": ap["svis_ray"] >= 0.9 * ap["full"],
-            "svis_ray >= labelled_only + 5 AP": ap["svis_ray"] >= ap["labelled_only"] + 0.05,
+    gap = ap["full"] - ap["labelled_only"]
+    return (ap["svis_ray"] - ap["labelled_only"]) / gap if gap > 0 else None
+
+
+def goals(results: dict[str, dict], family: str | None = DEFAULT_FAMILY) -> dict[str, bool]:
+    """Issue 30's goals on one family's results (AP as fractions, as the evaluator writes them)."""
+    ap = {name: r["mean"]["AP"] for name, r in results.items()}
+    need = MIN_RECOVERED.get(family or "", MIN_RECOVERED_OTHER)
+    seeds = [s for s in results["svis_ray"]["seeds"] if s in results["labelled_only"]["seeds"]]
+    share = recovered(results)
+    return {f"full >= {100 * MIN_FULL_AP:g} AP": ap["full"] >= MIN_FULL_AP,
+            f"full >= labelled_only + {100 * MIN_SUPERVISION_GAP:g} AP": ap["full"] >= ap["labelled_only"] + MIN_SUPERVISION_GAP,
+            "svis_ray >= labelled_only on every seed": bool(seeds) and all(
+                results["svis_ray"]["seeds"][s]["AP"] >= results["labelled_only"]["seeds"][s]["AP"] for s in seeds),
+            f"recovered >= {need:g}": share is not None and share >= need,
             "svis_ray > sparse_minvis": ap["svis_ray"] > ap["sparse_minvis"]}
 
 
@@ -140,13 +196,68 @@ def comparable(cfg) -> dict:
     return flat
 
 
-def make_benchmark_data(data: str | Path) -> None:
-    """The demo data with ``VAL_VIDEOS`` held-out videos and its one-frame (middle) split."""
-    from svis_ray.data.demo import make_demo_data
+def make_benchmark_data(data: str | Path, family: str = DEFAULT_FAMILY) -> None:
+    """A demo family's data with ``FAMILY_VAL_VIDEOS`` held-out videos and its one-frame (middle) split."""
+    from svis_ray.data.families import make_family_data
     from svis_ray.data.sparsify import sparsify
 
-    make_demo_data(data, val_videos=VAL_VIDEOS)
+    make_family_data(family, data, val_videos=FAMILY_VAL_VIDEOS.get(family, VAL_VIDEOS))
     sparsify(f"{data}/train.json", f"{data}/train_1frame.json", strategy="middle")
+
+
+def prepare_user_data(bench: BenchData, data: Path) -> None:
+    """``data``/{train,val,train_1frame}.json from a user's fully labelled YTVIS files, and
+    ``data``/JPEGImages linked to theirs (the YTVIS layout the recipes' configs expect)."""
+    from svis_ray.data.ingest import resolve
+    from svis_ray.data.sparsify import sparsify, split
+    from svis_ray.data.ytvis import YTVIS
+
+    root = Path(bench.root).expanduser().resolve()
+    if not (root / "JPEGImages").is_dir():
+        raise SvisError(f"{root}: --data must be a folder holding JPEGImages/ (the YTVIS layout)")
+    data.mkdir(parents=True, exist_ok=True)
+    train = resolve(str(root), bench.train_json)
+    if bench.val_json:
+        val = resolve(str(root), bench.val_json)
+        YTVIS.load(train), YTVIS.load(val)  # one-line errors for bad files, before any training
+        for src, dst in ((train, "train.json"), (val, "val.json")):
+            (data / dst).write_bytes(Path(src).read_bytes())
+    else:
+        split(train, val_fraction=bench.val_fraction, seed=0, train_out=data / "train.json", val_out=data / "val.json")
+    for name in ("train.json", "val.json"):
+        ds = YTVIS.load(data / name)
+        if not ds.has_annotations or any("labelled_frames" in v for v in ds.videos):
+            raise SvisError(f"{ds.source}: the benchmark needs full labels on every frame (a sparse or "
+                            f"unannotated file cannot give the fully supervised reference)")
+        if not ds.to_dict()["annotations"]:
+            raise SvisError(f"{ds.source}: no object in any of its {len(ds.videos)} videos; nothing to "
+                            f"measure AP on (hold out more videos: --val-fraction, or give --val-json)")
+    link = data / "JPEGImages"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(root / "JPEGImages", target_is_directory=True)
+    sparsify(data / "train.json", data / "train_1frame.json", strategy="middle")
+
+
+def size_overrides(bench: BenchData, data: Path) -> list[str]:
+    """``data.min_size_*``/``data.max_size_*`` for the frames of ``data``/train.json: the median
+    short side (at most ``MAX_MIN_SIZE``) and the debug config's long-side cap or, if larger, the
+    long side at that scale; ``bench.min_size``/``max_size`` win. On the shapes family (96x128)
+    this gives debug.yaml's own 96 and 256, so its results stay comparable with earlier ones."""
+    from svis_ray.config import load_config
+    from svis_ray.data.ytvis import YTVIS
+    from svis_ray.demo_job import DEBUG_CONFIG
+
+    videos = YTVIS.load(data / "train.json").videos
+    short = float(np.median([min(v["height"], v["width"]) for v in videos]))
+    long = float(np.median([max(v["height"], v["width"]) for v in videos]))
+    min_size = bench.min_size or int(min(short, MAX_MIN_SIZE))
+    cap = load_config(DEBUG_CONFIG).data.max_size_train
+    max_size = bench.max_size or max(cap, int(np.ceil(long * min_size / short)))
+    if max_size < min_size:
+        raise SvisError(f"--max-size {max_size} is below the short side {min_size}")
+    return [f"data.min_size_train=[{min_size}]", f"data.min_size_test={min_size}",
+            f"data.max_size_train={max_size}", f"data.max_size_test={max_size}"]
 
 
 def data_fingerprint(data: str) -> str:
@@ -187,10 +298,12 @@ def reused(path: str, name: str, seeds: list[int], config: dict, fingerprint: st
 
 
 def run(out: str, seeds: list[int], overrides: list[str], recipes: list[str] | None = None,
-        reuse: str | None = None) -> int:
+        reuse: str | None = None, bench: BenchData | None = None) -> int:
     """Train and evaluate ``recipes`` for every seed (default: all recipes, or none with ``reuse``);
     with ``reuse``, take the other recipes' seeds from that accuracy.json when their config and
-    data match (else a one-line error) and train the seeds it lacks."""
+    data match (else a one-line error) and train the seeds it lacks. ``bench``: the data
+    (default: the shapes family); the frame-size keys it implies come before ``overrides``."""
+    bench = bench or BenchData()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from svis_ray.io import write_json
     from svis_ray.train import run_training
@@ -205,8 +318,14 @@ def run(out: str, seeds: list[int], overrides: list[str], recipes: list[str] | N
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory() as data:
-        make_benchmark_data(data)
+    with tempfile.TemporaryDirectory() as tmp:
+        # Generated data lives only as long as the run; a user's split stays next to the results.
+        data = str(out_dir / "data") if bench.root else tmp
+        if bench.root:
+            prepare_user_data(bench, Path(data))
+        else:
+            make_benchmark_data(data, bench.family or DEFAULT_FAMILY)
+        overrides = [*size_overrides(bench, Path(data)), *overrides]
         fingerprint = data_fingerprint(data)
         for name in RECIPES:  # check every reused recipe before hours of training
             config = comparable(recipe_config(name, data, seeds[0], overrides, out_dir))
@@ -224,7 +343,8 @@ def run(out: str, seeds: list[int], overrides: list[str], recipes: list[str] | N
                 # after every run, so a stopped benchmark keeps what it measured
                 write_json(out_dir / "accuracy.json", summarize(results), indent=1)
     write_json(out_dir / "accuracy.json", summarize(results), indent=1)
-    bar_chart(results, out_dir / "accuracy.png")
+    bar_chart(results, out_dir / "accuracy.png", bench.name)
+    print(f"{bench.name}: {' '.join(overrides)}")
     print(f"{'recipe':<15}" + "".join(f"{k:>14}" for k in KEYS))
     for name, r in results.items():
         print(f"{name:<15}" + "".join(f"{100 * r['mean'][k]:>8.1f} ±{100 * r['std'][k]:4.1f}" for k in KEYS)
@@ -233,7 +353,10 @@ def run(out: str, seeds: list[int], overrides: list[str], recipes: list[str] | N
     if len(results) < len(RECIPES):
         print(f"goals not checked: they need all of {', '.join(RECIPES)} (--reuse an earlier accuracy.json)")
         return 0
-    checks = goals(results)
+    share = recovered(results)
+    print(f"recovered (svis_ray - labelled_only) / (full - labelled_only): "
+          f"{'-' if share is None else f'{share:.2f}'}")
+    checks = goals(results, bench.family)
     for text, ok in checks.items():
         print(f"{'PASS' if ok else 'FAIL'}: {text}")
     return 0 if all(checks.values()) else 1

@@ -10,6 +10,7 @@ import functools
 import sys
 from pathlib import Path
 
+from svis_ray.data.families import DEFAULT_FAMILY, FAMILIES
 from svis_ray.errors import SvisError
 
 
@@ -48,11 +49,13 @@ def cmd_split(a: argparse.Namespace) -> None:
 
 
 def cmd_demo_data(a: argparse.Namespace) -> None:
-    from svis_ray.data.demo import make_demo_data
+    from svis_ray.data.families import make_family_data
 
-    s = make_demo_data(a.out, videos=a.videos, frames=a.frames, size=a.size, seed=a.seed,
-                       val_videos=a.val_videos)
-    print(f"{a.out}: {s['train_videos']} train + {s['val_videos']} val videos, {s['frames']} frames "
+    s = make_family_data(a.family, a.out, videos=a.videos, frames=a.frames, size=a.size, seed=a.seed,
+                         val_videos=a.val_videos)
+    frames = f"{s['frames']} frames" if "total_frames" not in s else \
+        f"up to {s['frames']} frames ({s['total_frames']} in all, {s['empty_videos']} empty videos)"
+    print(f"{a.out}: {a.family} family, {s['train_videos']} train + {s['val_videos']} val videos, {frames} "
           f"of {s['size'][0]}x{s['size'][1]}, {s['instances']} instances, {s['categories']} categories")
 
 
@@ -114,10 +117,17 @@ def cmd_predict(a: argparse.Namespace) -> None:
 
 
 def cmd_benchmark(a: argparse.Namespace) -> None:
-    from svis_ray.benchmark import parse_seeds, run
+    from svis_ray.benchmark import BenchData, parse_seeds, run
 
     recipes = [r for r in a.recipes.split(",") if r] if a.recipes else None
-    if run(a.out, parse_seeds(a.seeds), a.overrides, recipes=recipes, reuse=a.reuse) != 0:
+    if a.data and a.family:
+        raise SvisError("benchmark: give --data (your YTVIS data) or --family (generated demo data), not both")
+    if not a.data and (a.train_json or a.val_json):
+        raise SvisError("benchmark: --train-json and --val-json need --data")
+    bench = BenchData(family=None if a.data else (a.family or DEFAULT_FAMILY), root=a.data,
+                      train_json=a.train_json or "train.json", val_json=a.val_json, val_fraction=a.val_fraction,
+                      min_size=a.min_size, max_size=a.max_size)
+    if run(a.out, parse_seeds(a.seeds), a.overrides, recipes=recipes, reuse=a.reuse, bench=bench) != 0:
         raise SvisError(f"{a.out}/accuracy.json: benchmark goals missed (see the table above)")
 
 
@@ -206,12 +216,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--val-out", required=True, help="JSON of the held-out videos")
     s.set_defaults(func=cmd_split)
 
-    s = add("demo-data", help="write the synthetic demo dataset (YTVIS 2019 layout)",
-            example="svis-ray demo-data --out demo_data --videos 8 --val-videos 2")
+    s = add("demo-data", help="write a synthetic demo dataset (YTVIS 2019 layout)",
+            example="svis-ray demo-data --out demo_data --videos 8 --val-videos 2 --family creatures")
     s.add_argument("--out", required=True, help="folder to write (JPEGImages/, train.json, val.json)")
+    s.add_argument("--family", choices=FAMILIES, default=DEFAULT_FAMILY,
+                   help="shapes: rigid shapes, 12 frames of 96x128 (svis-ray demo's); creatures: deforming "
+                        "textured creatures, 6-36 frames of 80x144, camera pan and zoom, empty videos")
     s.add_argument("--videos", type=int, default=None, help="training videos")
     s.add_argument("--val-videos", type=int, default=None, help="held-out videos")
-    s.add_argument("--frames", type=int, default=None, help="frames per video")
+    s.add_argument("--frames", type=int, default=None, help="frames per video (creatures: the longest video)")
     s.add_argument("--size", type=_size, default=None, help="frame size HxW")
     s.add_argument("--seed", type=int, default=0, help="seed of the generator")
     s.set_defaults(func=cmd_demo_data)
@@ -242,7 +255,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_tune)
 
     s = add("benchmark", help="accuracy benchmark: full vs 1 frame vs Sparse-MinVIS vs svis-ray",
-            example="svis-ray benchmark --out bench_out --seeds 0,1,2")
+            example="svis-ray benchmark --data my_data --train-json train.json --out bench_mine --seeds 0")
+    s.add_argument("--family", choices=FAMILIES, default=None,
+                   help=f"generated demo family to measure on (default {DEFAULT_FAMILY}; see demo-data)")
+    s.add_argument("--data", default=None, metavar="DIR",
+                   help="your fully labelled YTVIS data instead: the folder holding JPEGImages/")
+    s.add_argument("--train-json", default=None, help="with --data: the training videos' full labels (default train.json)")
+    s.add_argument("--val-json", default=None,
+                   help="with --data: held-out videos with full labels (default: hold out --val-fraction of --train-json)")
+    s.add_argument("--val-fraction", type=float, default=0.2, help="with --data and no --val-json: videos held out")
+    s.add_argument("--min-size", type=int, default=None, help="short side to train and test at (default: the frames', at most 360)")
+    s.add_argument("--max-size", type=int, default=None, help="long-side cap (default: 256 or the frames' long side at --min-size)")
     s.add_argument("--out", default="bench_out", help="folder for the runs and accuracy.{json,txt,png}")
     s.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
     s.add_argument("--recipes", default=None, help="train these for every seed, e.g. svis_ray (default: all four; with --reuse, none)")

@@ -122,6 +122,14 @@ class PseudoConfig:
     # the teacher saw clean (Unbiased Teacher's photometric strong augmentation; no geometry).
     strong_aug: bool = False
     store: Literal["none", "parquet"] = "none"  # parquet = also write every pseudo-label to <run>/pseudo_labels/
+    # Per-clip reliability check against the clip's labelled frame: the teacher's own confident
+    # predictions there (the unanchored filter) are matched to its ground truth (Hungarian, same
+    # class); reliability = summed matched mask IoU / max(ground-truth objects, predictions), 1 for
+    # an empty frame predicted empty. off: not computed; drop: a clip under reliability_min gives
+    # its unlabelled frames loss weight 0 (not even background); weight: their weight x reliability.
+    # Default off: not yet measured in training on either demo family (docs/experiments.md).
+    reliability: Literal["off", "drop", "weight"] = "off"
+    reliability_min: float = 0.5  # drop: the reliability a clip needs for its pseudo-labels to count
 
 
 @dataclass
@@ -275,7 +283,8 @@ def check_config(cfg: Config, source: str = "config") -> Config:
     p = cfg.pseudo
     unit = {"pseudo.score_threshold": p.score_threshold, "pseudo.anchor_iou": p.anchor_iou,
             "pseudo.anchor_score_threshold": p.anchor_score_threshold, "pseudo.nms_iou": p.nms_iou,
-            "pseudo.background_weight": p.background_weight, "teacher.ema_momentum": cfg.teacher.ema_momentum}
+            "pseudo.background_weight": p.background_weight, "teacher.ema_momentum": cfg.teacher.ema_momentum,
+            "pseudo.reliability_min": p.reliability_min}
     for key, value in unit.items():
         if not 0.0 <= value <= 1.0:
             raise SvisError(f"{source}: {key} must lie in [0, 1], got {value}")

@@ -13,6 +13,7 @@ frame's colour edges: the model predicts masks at 1/4 of the input resolution.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import cv2
@@ -188,6 +189,54 @@ def pseudo_label_clip(outputs: dict[str, torch.Tensor], size: tuple[int, int], l
         frame_anchors = {int(order[f][q]): c for q, c in anchors.items()}
         result.append(select_frame(logits[f], full[f], cfg, frame_anchors, None if images is None else images[f]))
     return result
+
+
+def frame_reliability(logits: torch.Tensor, masks: torch.Tensor, gt_masks: torch.Tensor, gt_labels: np.ndarray,
+                      cfg: PseudoConfig) -> float:
+    """How well the teacher labels a frame whose ground truth is known, in [0, 1].
+
+    Args:
+        logits: [Q, K+1] class logits; masks: [Q, H, W] mask logits at the frame's size.
+        gt_masks: bool [M, H, W]; gt_labels: [M] contiguous classes.
+    The teacher's confident predictions (``select_frame`` without anchors or refinement: what it
+    would keep on an unlabelled frame) are matched one-to-one to the ground truth by mask IoU,
+    same class only; the summed IoU of the pairs is divided by max(M, predictions), so missed
+    objects, wrong classes, poor masks and false positives all lower it. 1 when both are empty.
+    """
+    fp = select_frame(logits, masks, dataclasses.replace(cfg, refine="none"))
+    m, p = len(gt_masks), len(fp.labels)
+    if m == 0 and p == 0:
+        return 1.0
+    if m == 0 or p == 0:
+        return 0.0
+    iou = mask_iou(torch.from_numpy(fp.masks), gt_masks.bool().cpu()).numpy()
+    same = iou * (fp.labels[:, None] == np.asarray(gt_labels)[None])
+    rows, cols = linear_sum_assignment(-same)
+    return float(same[rows, cols].sum() / max(m, p))
+
+
+def clip_reliability(outputs: dict[str, torch.Tensor], size: tuple[int, int], labelled: np.ndarray,
+                     gt_masks: np.ndarray, gt_frame: np.ndarray, gt_labels: np.ndarray, cfg: PseudoConfig) -> float:
+    """Mean ``frame_reliability`` over the clip's labelled frames (arguments as in
+    ``pseudo_label_clip``); 1.0 for a clip without one (nothing to check against)."""
+    h, w = size
+    scores = []
+    for f in np.flatnonzero(labelled):
+        full = F.interpolate(outputs["pred_masks"][f:f + 1].float(), scale_factor=4, mode="bilinear",
+                             align_corners=False)[0, :, :h, :w]
+        sel = gt_frame == f
+        scores.append(frame_reliability(outputs["pred_logits"][f], full, torch.as_tensor(gt_masks[sel]).bool(),
+                                        np.asarray(gt_labels)[sel], cfg))
+    return float(np.mean(scores)) if scores else 1.0
+
+
+def reliability_weight(reliability: float, cfg: PseudoConfig) -> float:
+    """The loss-weight factor of a clip's pseudo-labelled frames (``pseudo.reliability``)."""
+    if cfg.reliability == "drop":
+        return 1.0 if reliability >= cfg.reliability_min else 0.0
+    if cfg.reliability == "weight":
+        return float(np.clip(reliability, 0.0, 1.0))
+    return 1.0
 
 
 # Unbiased Teacher's photometric "strong" augmentation, without its geometric parts (cutout would

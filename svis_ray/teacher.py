@@ -20,7 +20,7 @@ import torch
 
 from svis_ray.config import Config, PseudoConfig, config_from_dict
 from svis_ray.model.minvis import preprocess_frames
-from svis_ray.pseudo import pseudo_label_clip
+from svis_ray.pseudo import clip_reliability, pseudo_label_clip, reliability_weight
 
 
 @ray.remote(num_cpus=0)
@@ -70,7 +70,7 @@ class Teacher:
     """Pseudo-labels a batch of decoded clips (see ``data.ingest.decode_clip`` for the columns).
 
     Adds ``ps_masks`` uint8 [P,h,w], ``ps_frame`` [P], ``ps_labels`` [P], ``ps_scores`` [P],
-    ``ps_anchored`` [P], ``ps_candidates``, ``teacher_version`` and ``teacher_time`` (when the
+    ``ps_anchored`` [P], ``ps_candidates``, ``ps_weight`` (the clip's ``pseudo.reliability`` factor), ``teacher_version`` and ``teacher_time`` (when the
     batch was labelled: lets tests and the timeline benchmark show teacher/student overlap).
     """
 
@@ -145,7 +145,7 @@ class Teacher:
             self._refresh()
         pcfg: PseudoConfig = self.cfg.pseudo
         out: dict[str, list] = {k: [] for k in ("ps_masks", "ps_frame", "ps_labels", "ps_scores",
-                                                  "ps_anchored", "ps_candidates")}
+                                                  "ps_anchored", "ps_candidates", "ps_weight")}
         for c in range(len(batch["clip_index"])):
             image = batch["image"][c]  # [F,h,w,3]
             f, h, w = image.shape[:3]
@@ -153,6 +153,11 @@ class Teacher:
             per_frame = [] if outputs is None else pseudo_label_clip(
                 outputs, (h, w), batch["labelled"][c], batch["gt_masks"][c], batch["gt_frame"][c],
                 batch["gt_labels"][c], pcfg, image, tracker=self.cfg.inference.tracker)
+            # pseudo.reliability: how well this teacher labels the clip's labelled frame decides
+            # how much its labels of the other frames count (1 = fully).
+            out["ps_weight"].append(1.0 if outputs is None or pcfg.reliability == "off" else reliability_weight(
+                clip_reliability(outputs, (h, w), batch["labelled"][c], batch["gt_masks"][c], batch["gt_frame"][c],
+                                 batch["gt_labels"][c], pcfg), pcfg))
             masks, frame_ids, labels, scores, anchored, cands = [], [], [], [], [], 0
             for slot, fp in enumerate(per_frame):
                 if fp is None:
@@ -173,6 +178,7 @@ class Teacher:
         result = dict(batch)
         result.update(out)
         result["ps_candidates"] = np.asarray(out["ps_candidates"], np.int64)
+        result["ps_weight"] = np.asarray(out["ps_weight"], np.float32)
         result["teacher_version"] = np.full(n, self.version, np.int64)
         result["teacher_time"] = np.full(n, time.time(), np.float64)
         return result

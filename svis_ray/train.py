@@ -218,7 +218,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         t_step = time.time()
         lam = pseudo_weight(step, cfg)
         for t in targets:
-            t["weight"] = lam if t["pseudo"] else 1.0
+            # pseudo.reliability scales a teacher-labelled frame's whole loss (background too)
+            t["weight"] = lam * t.get("reliability", 1.0) if t["pseudo"] else 1.0
             t["bg_weight"] = cfg.pseudo.background_weight if t["pseudo"] else 1.0
             if t["labels"] is not None:
                 t["labels"], t["masks"] = t["labels"].to(device), t["masks"].to(device)

@@ -2,7 +2,7 @@
 import cv2
 import pytest
 
-from svis_ray.benchmark import KEYS, RECIPES, bar_chart, goals, summarize
+from svis_ray.benchmark import KEYS, RECIPES, bar_chart, goals, recovered, summarize
 
 
 def seeds(*aps):
@@ -19,14 +19,23 @@ def test_summary_mean_std_over_measured_seeds_only():
 
 def test_goals_follow_the_issue():
     def results(full, lab, sm, svis):
-        return summarize({"full": seeds(full), "labelled_only": seeds(lab), "sparse_minvis": seeds(sm),
-                          "svis_ray": seeds(svis)})
+        return summarize({"full": seeds(*full), "labelled_only": seeds(*lab), "sparse_minvis": seeds(*sm),
+                          "svis_ray": seeds(*svis)})
 
-    assert all(goals(results(0.40, 0.30, 0.35, 0.37)).values())
-    missed = goals(results(0.40, 0.33, 0.38, 0.37))
-    assert missed == {"svis_ray >= 0.9 x full": True, "svis_ray >= labelled_only + 5 AP": False,
-                      "svis_ray > sparse_minvis": False}
-    assert not goals(results(0.50, 0.30, 0.35, 0.44))["svis_ray >= 0.9 x full"]
+    good = results((0.24, 0.24), (0.16, 0.16), (0.18, 0.18), (0.23, 0.23))  # recovered 0.875
+    assert all(goals(good).values()) and recovered(good) == pytest.approx(0.875)
+    missed = goals(results((0.24,), (0.16,), (0.18,), (0.22,)))  # recovered 0.75: enough on other data only
+    assert [k for k, ok in missed.items() if not ok] == ["recovered >= 0.85"]
+    assert all(goals(results((0.24,), (0.16,), (0.18,), (0.22,)), "creatures").values())
+    # one seed below labelled-only fails, even when the mean is above it
+    one_seed = goals(results((0.24, 0.24), (0.16, 0.20), (0.17, 0.17), (0.25, 0.19)), "creatures")
+    assert [k for k, ok in one_seed.items() if not ok] == ["svis_ray >= labelled_only on every seed"]
+    # not learnable (full under 20 AP) or labels do not matter (gap under 4 AP)
+    weak = goals(results((0.12,), (0.05,), (0.06,), (0.11,)), "creatures")
+    assert [k for k, ok in weak.items() if not ok] == ["full >= 20 AP"]
+    flat = goals(results((0.24,), (0.22,), (0.21,), (0.24,)), "creatures")
+    assert not flat["full >= labelled_only + 4 AP"] and flat["svis_ray > sparse_minvis"]
+    assert recovered(results((0.2,), (0.2,), (0.2,), (0.2,))) is None
 
 
 def test_bar_chart_draws_every_recipe(tmp_path):
@@ -150,3 +159,85 @@ def test_reuse_takes_only_results_trained_the_same_way(tmp_path, monkeypatch):
         run(str(tmp_path / "new"), [0], [], recipes=["svis"], reuse=str(old))
     with pytest.raises(SvisError, match="every recipe would be retrained"):
         run(str(tmp_path / "new"), [0], [], recipes=list(RECIPES), reuse=str(old))
+
+
+def test_benchmark_on_a_users_data_splits_sparsifies_and_scales_the_frame_size(tmp_path, monkeypatch):
+    """--data: the split, the 1-frame subset and the frame-size keys the four recipes train with
+    (training itself replaced by a stand-in here; the end-to-end run is below)."""
+    import json
+
+    import svis_ray.train
+    from svis_ray.benchmark import BenchData, run
+    from svis_ray.data.creatures import make_creatures_data
+    from svis_ray.errors import SvisError
+
+    mine = tmp_path / "mine"
+    make_creatures_data(mine, videos=10, val_videos=1, frames=7, size=(40, 72))
+    trained = []
+
+    def fake_training(cfg):
+        trained.append(cfg)
+        return {"metrics": dict.fromkeys(KEYS, 0.3 if "full" in cfg.output.dir else 0.1)}
+
+    monkeypatch.setattr(svis_ray.train, "run_training", fake_training)
+    out = tmp_path / "out"
+    assert run(str(out), [0], [], bench=BenchData(family=None, root=str(mine), val_fraction=0.3)) == 1  # goals missed
+    data = out / "data"
+    train, val = (json.loads((data / f"{n}.json").read_text()) for n in ("train", "val"))
+    assert (len(train["videos"]), len(val["videos"])) == (7, 3)
+    sparse = json.loads((data / "train_1frame.json").read_text())
+    assert all(len(v["labelled_frames"]) == 1 for v in sparse["videos"])
+    assert (data / "JPEGImages").resolve() == (mine / "JPEGImages").resolve()
+    by_name = {c.output.dir.split("/")[-1]: c for c in trained}
+    assert sorted(by_name) == sorted(f"{r}_seed0" for r in RECIPES)
+    for c in trained:  # the frames' short side; the long side fits under the debug config's cap
+        assert (c.data.min_size_train, c.data.min_size_test, c.data.max_size_test) == ([40], 40, 256)
+        assert c.data.root == str(data)
+    assert by_name["full_seed0"].data.train_json == "train.json"
+    assert by_name["svis_ray_seed0"].data.train_json == "train_1frame.json"
+    result = json.loads((out / "accuracy.json").read_text())
+    assert result["full"]["mean"]["AP"] == pytest.approx(0.3)
+
+    # sizes from the command line win; a user's own val file is taken as it is
+    trained.clear()
+    bench = BenchData(family=None, root=str(mine), train_json="train.json", val_json="val.json", min_size=32, max_size=64)
+    run(str(tmp_path / "out2"), [1], ["train.lr=0.01"], recipes=["svis_ray"], bench=bench)
+    (c,) = trained
+    assert (c.data.min_size_train, c.data.max_size_train, c.train.lr) == ([32], 64, 0.01)
+    assert len(json.loads((tmp_path / "out2" / "data" / "val.json").read_text())["videos"]) == 1
+    with pytest.raises(SvisError, match="holding JPEGImages"):
+        run(str(tmp_path / "out3"), [0], [], bench=BenchData(family=None, root=str(tmp_path)))
+    with pytest.raises(SvisError, match="needs full labels"):
+        run(str(tmp_path / "out4"), [0], [], bench=BenchData(family=None, root=str(mine), val_json=str(data / "train_1frame.json")))
+
+
+def test_frame_size_keys_leave_the_shapes_familys_config_as_it_was(tmp_path):
+    from svis_ray.benchmark import BenchData, size_overrides
+    from svis_ray.data.demo import make_demo_data
+
+    make_demo_data(tmp_path, videos=1, val_videos=1, frames=2)
+    assert size_overrides(BenchData(), tmp_path) == ["data.min_size_train=[96]", "data.min_size_test=96",
+                                                     "data.max_size_train=256", "data.max_size_test=256"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow  # 8 Ray Train launches (4 recipes x train + eval): 485 s at load 37 on 2 cores
+@pytest.mark.timeout(900)
+def test_benchmark_command_runs_end_to_end_on_a_users_data(ray_local, tmp_path, capsys):
+    """``svis-ray benchmark --data`` on tiny creatures data, 2 steps a recipe: every recipe trains
+    and is evaluated, the table and the goal checks are printed, and the missed goals exit 2."""
+    import json
+
+    from svis_ray.cli import main
+    from svis_ray.data.creatures import make_creatures_data
+
+    make_creatures_data(tmp_path / "mine", videos=6, val_videos=1, frames=6, size=(48, 80))
+    code = main(["benchmark", "--data", str(tmp_path / "mine"), "--val-fraction", "0.5", "--out", str(tmp_path / "out"), "--seeds", "0",
+                 "train.max_steps=2", "train.milestones=[]", "train.checkpoint_every=2", "train.log_every=1",
+                 "teacher.warmup_steps=0", "teacher.publish_every=1", "pseudo.ramp_steps=0", "pseudo.refine=none",
+                 "data.clips_per_step=1", "loss.num_points=256", "output.progress_bar=false"])
+    out = capsys.readouterr().out
+    assert code == 2 and "FAIL: full >= 20 AP" in out and "recovered" in out
+    result = json.loads((tmp_path / "out" / "accuracy.json").read_text())
+    assert list(result) == list(RECIPES) and all("0" in r["seeds"] for r in result.values())
+    assert (tmp_path / "out" / "accuracy.png").is_file()

@@ -101,6 +101,25 @@ def test_anchoring_corrects_the_class_and_nothing_else_does(demo_root, sparse_cf
     assert 0 < s["precision"] < 1
 
 
+def test_reliability_drops_the_clips_a_teacher_gets_wrong_on_the_labelled_frame(demo_root, sparse_cfg):
+    """pseudo.reliability=drop: a teacher whose classes are all off by one fails the check on every
+    labelled frame, so nothing of it is kept; the right teacher keeps (nearly) everything."""
+    from dataclasses import replace
+
+    full = YTVIS.load(demo_root / "train.json")
+    cfg = replace(sparse_cfg, pseudo=replace(sparse_cfg.pseudo, reliability="drop", reliability_min=0.5))
+    wrong = pseudo_quality(cfg, Oracle(demo_root, full, (96, 256), shift=1), "train.json", max_videos=2)
+    s = wrong["variants"]["score_threshold=0.9"]
+    assert s["kept"] == 0 and s["dropped_by_reliability"] > 0
+    right = pseudo_quality(cfg, Oracle(demo_root, full, (96, 256)), "train.json", max_videos=2)
+    r = right["variants"]["score_threshold=0.9"]
+    assert r["dropped_by_reliability"] <= 0.1 * r["kept"] and r["kinds"]["correct"] >= 0.95 * r["kept"]
+    off = pseudo_quality(sparse_cfg, Oracle(demo_root, full, (96, 256), shift=1), "train.json", max_videos=2)
+    o = off["variants"]["score_threshold=0.9"]
+    assert o["dropped_by_reliability"] == 0 and sum(o["kinds"].values()) == o["kept"]
+    assert "wrong by kind" in format_quality(off)
+
+
 def test_cli_reports_and_fails_in_one_line(demo_root, sparse_cfg, tmp_path):
     ckpt = save_checkpoint(tmp_path / "m.pt", build_model("tiny", len(YTVIS.load(demo_root / "train.json").class_names)),
                            YTVIS.load(demo_root / "train.json").class_names)

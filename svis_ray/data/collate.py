@@ -46,6 +46,7 @@ class ClipCollate(NumpyBatchCollateFn):
                     targets.append({"labels": batch["ps_labels"][c][sel], "masks": batch["ps_masks"][c][sel],
                                     "scores": batch["ps_scores"][c][sel],
                                     "anchored": batch["ps_anchored"][c][sel], "pseudo": True,
+                                    "reliability": float(batch["ps_weight"][c]) if "ps_weight" in batch else 1.0,
                                     "teacher_version": int(batch["teacher_version"][c])})
                 else:
                     targets.append({"labels": None, "masks": None, "pseudo": True})

@@ -202,11 +202,33 @@ def _write_video(root: Path, name: str, rng: np.random.Generator, frames: int, h
 
 
 def _is_demo(out: Path) -> bool:
+    """Whether ``out`` holds a demo dataset of any family (their descriptions start with ours)."""
     try:
         with open(out / "train.json") as f:
-            return json.load(f).get("info", {}).get("description") == DESCRIPTION
+            return str(json.load(f).get("info", {}).get("description", "")).startswith(DESCRIPTION)
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def prepare_out(out: Path, videos: int, val_videos: int, frames: int, h: int, w: int, seed: int) -> None:
+    """Check a generator's arguments and empty ``out`` of an earlier demo dataset (any family);
+    ``SvisError`` naming ``out`` for bad arguments or a folder holding anything else."""
+    if videos < 1 or val_videos < 1 or frames < 1:
+        raise SvisError(f"{out}: need at least 1 train video, 1 val video and 1 frame per video, "
+                        f"got {videos}, {val_videos} and {frames}")
+    if h < 32 or w < 32:
+        raise SvisError(f"{out}: frame size must be at least 32x32, got {h}x{w}")
+    if seed < 0:
+        raise SvisError(f"{out}: seed must be non-negative, got {seed}")
+    if out.exists() and not out.is_dir():
+        raise SvisError(f"{out}: exists and is not a folder")
+    if out.exists() and any(out.iterdir()):
+        if not _is_demo(out):
+            raise SvisError(f"{out}: folder is not empty and holds no svis-ray demo dataset; "
+                            f"refusing to overwrite it")
+        for name in ("train.json", "val.json"):
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "JPEGImages", ignore_errors=True)
 
 
 def make_demo_data(out: str | os.PathLike, videos: int | None = None, frames: int | None = None,
@@ -224,22 +246,7 @@ def make_demo_data(out: str | os.PathLike, videos: int | None = None, frames: in
     val_videos = DEFAULT_VAL_VIDEOS if val_videos is None else val_videos
     frames = DEFAULT_FRAMES if frames is None else frames
     h, w = DEFAULT_SIZE if size is None else size
-    if videos < 1 or val_videos < 1 or frames < 1:
-        raise SvisError(f"{out}: need at least 1 train video, 1 val video and 1 frame per video, "
-                        f"got {videos}, {val_videos} and {frames}")
-    if h < 32 or w < 32:
-        raise SvisError(f"{out}: frame size must be at least 32x32, got {h}x{w}")
-    if seed < 0:
-        raise SvisError(f"{out}: seed must be non-negative, got {seed}")
-    if out.exists() and not out.is_dir():
-        raise SvisError(f"{out}: exists and is not a folder")
-    if out.exists() and any(out.iterdir()):
-        if not _is_demo(out):
-            raise SvisError(f"{out}: folder is not empty and holds no svis-ray demo dataset; "
-                            f"refusing to overwrite it")
-        for name in ("train.json", "val.json"):
-            (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / "JPEGImages", ignore_errors=True)
+    prepare_out(out, videos, val_videos, frames, h, w, seed)
 
     categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, (name, _) in enumerate(CATEGORIES)]
     next_video, next_ann, instances = 1, 1, 0

@@ -30,7 +30,7 @@ from svis_ray.data.ingest import DecodeConfig, decode_clip, load_split, resolve
 from svis_ray.data.transforms import resize_masks
 from svis_ray.data.ytvis import YTVIS
 from svis_ray.errors import SvisError
-from svis_ray.pseudo import FramePseudo, pseudo_label_clip
+from svis_ray.pseudo import FramePseudo, clip_reliability, pseudo_label_clip, reliability_weight
 from svis_ray.teacher import forward_frames
 from svis_ray.tracking import mask_iou
 
@@ -83,8 +83,13 @@ class _Tally:
         self.kept = self.correct = self.anchored = self.anchored_correct = 0
         self.ious: list[float] = []
         self.by_distance: dict[int, list[int]] = {}  # |t - labelled frame| -> [correct, kept]
+        self.kinds: dict[str, int] = {}  # label_kinds -> count
+        self.dropped = 0  # pseudo-labels of clips pseudo.reliability gave weight 0
 
-    def add(self, fp: FramePseudo, correct: np.ndarray, ious: np.ndarray, distance: int) -> None:
+    def add(self, fp: FramePseudo, correct: np.ndarray, ious: np.ndarray, distance: int,
+            kinds: np.ndarray | None = None) -> None:
+        for kind in ([] if kinds is None else kinds):
+            self.kinds[kind] = self.kinds.get(kind, 0) + 1
         self.kept += len(correct)
         self.correct += int(correct.sum())
         self.anchored += int(fp.anchored.sum())
@@ -108,6 +113,8 @@ class _Tally:
             "unanchored_precision": ratio(self.correct - self.anchored_correct, unanchored),
             "mean_iou": float(np.mean(self.ious)) if self.ious else None,
             "precision_by_distance": {str(d): ratio(c, k) for d, (c, k) in sorted(self.by_distance.items())},
+            "kinds": dict(sorted(self.kinds.items())),
+            "dropped_by_reliability": self.dropped,
         }
 
 
@@ -184,11 +191,18 @@ def pseudo_quality(cfg: Config, model: torch.nn.Module, full_json: str, threshol
                 fp = pseudo_label_clip(outputs, (h, w), decoded["labelled"][clip], decoded["gt_masks"],
                                        gt_frame, decoded["gt_labels"], pcfg, image[clip],
                                        tracker=cfg.inference.tracker)[slot]
+                if pcfg.reliability != "off" and reliability_weight(clip_reliability(
+                        outputs, (h, w), decoded["labelled"][clip], decoded["gt_masks"], gt_frame,
+                        decoded["gt_labels"], pcfg), pcfg) == 0.0:
+                    # the clip trains nothing: its pseudo-labels count as not kept
+                    tallies[name].dropped += len(fp.labels)
+                    keep = np.zeros(len(fp.labels), bool)
+                    fp = FramePseudo(fp.masks[keep], fp.labels[keep], fp.scores[keep], fp.anchored[keep], fp.candidates)
                 correct, ious = match_frame(fp.masks, fp.labels, gt_masks, gt_labels, iou)
-                tallies[name].add(fp, correct, ious, abs(t - anchor))
+                kinds = label_kinds(fp.masks, fp.labels, gt_masks, gt_labels, iou)
+                tallies[name].add(fp, correct, ious, abs(t - anchor), kinds)
                 if on_frame is not None and pcfg == cfg.pseudo:
-                    on_frame(vid, t, image[t], gt_masks, gt_labels, fp,
-                             label_kinds(fp.masks, fp.labels, gt_masks, gt_labels, iou))
+                    on_frame(vid, t, image[t], gt_masks, gt_labels, fp, kinds)
     if not frames:
         raise SvisError(f"{sparse.source}: no unlabelled frames to pseudo-label (is it a sparse split? "
                         f"see svis-ray sparsify)")
@@ -209,4 +223,9 @@ def format_quality(report: dict[str, Any]) -> str:
         dist = " ".join(f"{d}:{pct(p).strip()}" for d, p in s["precision_by_distance"].items())
         lines.append(f"{name:22s} {pct(s['precision'])} {pct(s['recall'])} {s['kept']:6d} {s['anchored']:6d} "
                      f"{pct(s['anchored_precision']):>6s} {pct(s['unanchored_precision']):>6s}  {dist}")
+        wrong = {k: n for k, n in s.get("kinds", {}).items() if k != "correct"}
+        if wrong or s.get("dropped_by_reliability"):
+            lines.append(f"{'':22s} wrong by kind: " + (", ".join(f"{k} {n}" for k, n in wrong.items()) or "none")
+                         + (f"; {s['dropped_by_reliability']} dropped by pseudo.reliability"
+                            if s.get("dropped_by_reliability") else ""))
     return "\n".join(lines)
