@@ -365,9 +365,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except SvisError as e:
-        ray = sys.modules.get("ray")
-        if ray is not None and ray.is_initialized():
-            ray.shutdown()  # flush Ray's worker logs first, so the error is the last line printed
+        ray, train = sys.modules.get("ray"), sys.modules.get("svis_ray.train")
+        # Flush Ray's worker logs first, so the error is the last line printed; a Ray this process
+        # did not start (a test session's, a caller's) is left running.
+        if ray is not None and ray.is_initialized() and train is not None and train.STARTED_RAY:
+            ray.shutdown()
+            train.STARTED_RAY = False
         print(f"svis-ray: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -418,13 +418,18 @@ def ingest_options(cfg: Config) -> "ray.data.ExecutionOptions":
     return opts
 
 
+STARTED_RAY = False  # ray_init started this process's Ray (so the CLI may shut it down on an error)
+
+
 def ray_init(log_file: Path | None = None) -> Path | None:
     """Join the cluster in RAY_ADDRESS (``ray job submit``), else start a local Ray.
 
     ``log_file``: where Ray's worker output goes instead of the console when this process started
     Ray (svis_ray.console); returns the log file in use, or None."""
+    global STARTED_RAY
     started = not ray.is_initialized()
     if started:
+        STARTED_RAY = True
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         if os.environ.get("RAY_ADDRESS"):
             ray.init(log_to_driver=True)
