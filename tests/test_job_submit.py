@@ -36,6 +36,9 @@ def test_ray_job_submit(sparse_root, tmp_path):
     temp = Path("/tmp") / f"svis_job_{os.getpid()}"
     subprocess.run([str(ray_bin), "start", "--head", "--port=6391",
                     "--dashboard-port=8291", "--ray-client-server-port=20291", "--num-cpus=8",
+                    # the agents' ports too: the test session's own Ray holds the defaults (52365, ...)
+                    "--dashboard-agent-listen-port=52391", "--dashboard-agent-grpc-port=52392",
+                    "--runtime-env-agent-port=52393", "--metrics-export-port=52394",
                     f"--temp-dir={temp}", "--disable-usage-stats", "--object-store-memory=300000000"],
                    check=True, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)
