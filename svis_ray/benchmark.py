@@ -167,7 +167,7 @@ def goals(results: dict[str, dict], family: str | None = DEFAULT_FAMILY) -> dict
             "svis_ray > sparse_minvis": ap["svis_ray"] > ap["sparse_minvis"]}
 
 
-def recipe_config(name: str, data: str, seed: int, overrides: list[str], out_dir: Path):
+def recipe_config(name: str, data: str, seed: int, overrides: list[str], out_dir: str | Path):
     """The debug config for one recipe and seed; the recipe's own keys win over ``overrides``."""
     from svis_ray.config import load_config
     from svis_ray.demo_job import DEBUG_CONFIG
@@ -315,12 +315,14 @@ def run(out: str, seeds: list[int], overrides: list[str], recipes: list[str] | N
         raise SvisError(f"--recipes: unknown recipe(s) {unknown}; choose from {', '.join(RECIPES)}")
     if reuse and set(recipes) == set(RECIPES):
         raise SvisError(f"--reuse {reuse}: every recipe would be retrained; name the ones to retrain with --recipes")
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from svis_ray import io as svis_io
+
+    out_dir = str(out)  # a local folder or a URI (runs and results go through svis_ray.io)
+    svis_io.makedirs(out_dir)
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        # Generated data lives only as long as the run; a user's split stays next to the results.
-        data = str(out_dir / "data") if bench.root else tmp
+        # Generated data lives only as long as the run; a user's split stays next to local results.
+        data = str(Path(out_dir) / "data") if bench.root and not svis_io.is_uri(out_dir) else tmp
         if bench.root:
             prepare_user_data(bench, Path(data))
         else:
@@ -341,15 +343,15 @@ def run(out: str, seeds: list[int], overrides: list[str], recipes: list[str] | N
                 results[name]["seeds"][str(seed)] = {k: metrics[k] for k in KEYS}
                 print(f"{name} seed {seed}: AP {100 * metrics['AP']:.1f}", flush=True)
                 # after every run, so a stopped benchmark keeps what it measured
-                write_json(out_dir / "accuracy.json", summarize(results), indent=1)
-    write_json(out_dir / "accuracy.json", summarize(results), indent=1)
-    bar_chart(results, out_dir / "accuracy.png", bench.name)
+                write_json(svis_io.join(out_dir, "accuracy.json"), summarize(results), indent=1)
+    write_json(svis_io.join(out_dir, "accuracy.json"), summarize(results), indent=1)
+    bar_chart(results, svis_io.join(out_dir, "accuracy.png"), bench.name)
     print(f"{bench.name}: {' '.join(overrides)}")
     print(f"{'recipe':<15}" + "".join(f"{k:>14}" for k in KEYS))
     for name, r in results.items():
         print(f"{name:<15}" + "".join(f"{100 * r['mean'][k]:>8.1f} ±{100 * r['std'][k]:4.1f}" for k in KEYS)
               + (f"  (seeds {','.join(r['reused_seeds'])} reused)" if r.get("reused_seeds") else ""))
-    print(f"wrote {out_dir / 'accuracy.json'} and {out_dir / 'accuracy.png'}")
+    print(f"wrote {svis_io.join(out_dir, 'accuracy.json')} and {svis_io.join(out_dir, 'accuracy.png')}")
     if len(results) < len(RECIPES):
         print(f"goals not checked: they need all of {', '.join(RECIPES)} (--reuse an earlier accuracy.json)")
         return 0

@@ -251,11 +251,10 @@ def render_eval_picture(split: Any, root: str, records: list[dict[str, Any]], vi
 
 def write_png(path: Any, img: np.ndarray) -> Any:
     """Write uint8 RGB ``img`` as a PNG, atomically."""
-    from svis_ray.io import atomic_path
+    from svis_ray.io import write_bytes
 
     ok, buf = cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 3])
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(buf.tobytes())
+    write_bytes(path, buf.tobytes())  # a local path or a URI
     return path
 
 

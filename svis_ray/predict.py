@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from svis_ray.data.ytvis import YTVIS, decode_frame
 from svis_ray.errors import SvisError
 from svis_ray.eval import write_results
 from svis_ray.inference import video_frames
+from svis_ray import io as svis_io
 from svis_ray.io import atomic_path, write_json
 from svis_ray.model import load_model
 from svis_ray.pictures import colour, draw_tracks, gt_tracks, match_tracks
@@ -307,7 +309,29 @@ def predict(checkpoint: str | os.PathLike, input: str | os.PathLike, out_dir: st
     tracks, confident_tracks (score >= render_min_score), tracker, in_process, outputs (paths written).
     """
     _check_args(num_actors, gpus_per_actor, window, topk, min_size, max_size, fps, tracker)
-    ckpt, src, out = Path(checkpoint), Path(input), Path(out_dir)
+    # A URI checkpoint stays a string (Path would make s3://b of it s3:/b); a URI out_dir is
+    # written to a local staging folder and uploaded whole at the end.
+    ckpt = str(checkpoint) if svis_io.is_uri(checkpoint) else Path(checkpoint)
+    src = Path(input)
+    remote = str(out_dir) if svis_io.is_uri(out_dir) else None
+    staging = tempfile.TemporaryDirectory(prefix="svis-ray-predict-") if remote else None
+    try:
+        summary = _predict(ckpt, src, Path(staging.name) if staging else Path(out_dir), frame_root, zip_results,
+                           render, num_actors, gpus_per_actor, min_size, max_size, window, topk, fps,
+                           render_min_score, tracker, log)
+        if staging:
+            svis_io.copy_tree(staging.name, remote)
+            summary["outputs"] = [svis_io.join(remote, os.path.relpath(p, staging.name)) for p in summary["outputs"]]
+    finally:
+        if staging:
+            staging.cleanup()
+    return summary
+
+
+def _predict(ckpt: Path | str, src: Path, out: Path, frame_root: str | None, zip_results: bool, render: bool,
+             num_actors: int, gpus_per_actor: float, min_size: int | None, max_size: int | None, window: int,
+             topk: int, fps: float | None, render_min_score: float, tracker: str | None,
+             log: Callable[[str], None]) -> dict[str, Any]:
     if not src.exists():
         raise SvisError(f"{src}: input not found")
     is_json = src.is_file() and src.suffix.lower() == ".json"
@@ -356,7 +380,7 @@ def _predict_split(ckpt: Path, ann: Path, out: Path, root: str, num_actors: int,
     ray_init(log_file_for(out))  # Ray's worker output -> out/ray.log
     rows = [{"index": i, "video_id": v["id"]} for i, v in enumerate(split.videos)]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
-        Predictor, fn_constructor_kwargs={"checkpoint": str(ckpt.resolve()), "split": split, "root": root,
+        Predictor, fn_constructor_kwargs={"checkpoint": svis_io.absolute(ckpt), "split": split, "root": root,
                                           "min_size": short, "max_size": longest, "window": window,
                                           "topk": topk, "tracker": tracker},
         compute=ray.data.ActorPoolStrategy(size=num_actors), batch_size=1, num_gpus=gpus_per_actor,

@@ -112,8 +112,11 @@ class Teacher:
     def _write_parquet(self, batch: dict[str, np.ndarray], out: dict[str, list]) -> None:
         """Record every pseudo-label (video, frame, class, score, anchored, teacher version, RLE)."""
         import os
+        import socket
 
         import pyarrow as pa
+
+        from svis_ray import io as svis_io
         import pyarrow.parquet as pq
         from pycocotools import mask as mask_utils
 
@@ -134,9 +137,11 @@ class Teacher:
                 cols["height"].append(int(masks.shape[1]))
                 cols["width"].append(int(masks.shape[2]))
                 cols["rle"].append(rle["counts"].decode("ascii"))
-        os.makedirs(self.store_dir, exist_ok=True)
-        name = f"part-{os.getpid()}-{self.parts:06d}.parquet"
-        pq.write_table(pa.table(cols), os.path.join(self.store_dir, name))
+        # Through the run folder's filesystem: teachers may run on nodes without the run's disk.
+        svis_io.makedirs(self.store_dir)
+        name = f"part-{socket.gethostname()}-{os.getpid()}-{self.parts:06d}.parquet"  # unique across nodes
+        fs, path = svis_io.filesystem(svis_io.join(self.store_dir, name))
+        pq.write_table(pa.table(cols), path, filesystem=fs)
         self.parts += 1
 
     @torch.no_grad()

@@ -19,12 +19,12 @@ from typing import Any
 
 import cv2
 import numpy as np
-import pyarrow.fs
 from pycocotools import mask as mask_utils
 from ray.data._internal.execution.execution_callback import ExecutionCallback
 
 from svis_ray.data.transforms import resize_image, resize_masks, resized_shape
 from svis_ray.data.ytvis import YTVIS, decode_frame
+from svis_ray import io as svis_io
 from svis_ray.errors import SvisError
 
 
@@ -83,18 +83,9 @@ def resolve(root: str, rel: str) -> str:
 
 
 def read_bytes(path: str) -> bytes:
-    """Read a local file or a ``pyarrow.fs`` URI (s3://, gs://, hdfs://) into memory."""
-    try:
-        if "://" in path:
-            fs, inner = pyarrow.fs.FileSystem.from_uri(path)
-        else:
-            fs, inner = pyarrow.fs.LocalFileSystem(), path
-        with fs.open_input_stream(inner) as f:
-            return f.read()
-    except FileNotFoundError:
-        raise SvisError(f"{path}: file not found") from None
-    except (OSError, pyarrow.ArrowException) as e:
-        raise SvisError(f"{path}: cannot read: {str(e).splitlines()[0]}") from None
+    """Read a local file or a ``pyarrow.fs`` URI (s3://, gs://, hdfs://) into memory, through
+    the process's cached filesystem (``svis_ray.io.filesystem``): one per bucket, not per frame."""
+    return svis_io.read_bytes(path)
 
 
 def load_split(root: str, rel: str) -> YTVIS:

@@ -24,6 +24,7 @@ detectron2 Mask2Former / MinVIS names -> ours (``map_detectron2_key``):
 from __future__ import annotations
 
 import codecs
+import io
 import collections
 import logging
 import os
@@ -38,7 +39,8 @@ import torch
 from torch import nn
 
 from svis_ray.errors import SvisError
-from svis_ray.io import atomic_path
+from svis_ray import io as svis_io
+from svis_ray.io import is_uri
 from svis_ray.model.minvis import MinVIS, ModelConfig
 
 FORMAT = "svis-ray/minvis/1"
@@ -103,17 +105,28 @@ class _NumpyUnpickler(pickle.Unpickler):
         raise _Refused(f"refused to unpickle '{module}.{name}' (only numpy arrays and plain containers are allowed)")
 
 
+def _location(path: str | os.PathLike) -> Path | str:
+    """A local path as a ``Path``; a URI as given (``Path`` would turn ``s3://b`` into ``s3:/b``)."""
+    return str(path) if is_uri(path) else Path(path)
+
+
 def _read(path: str | os.PathLike) -> dict:
     """Load a checkpoint file as a dict without executing code; every failure is an SvisError."""
-    p = Path(path)
-    if not p.is_file():
-        raise SvisError(f"{p}: checkpoint not found" if not p.exists() else f"{p}: expected a checkpoint file")
+    p = _location(path)
+    if is_uri(p):  # object storage: read once into memory (checkpoints fit in it anyway)
+        if not svis_io.is_file(p):
+            raise SvisError(f"{p}: checkpoint not found" if not svis_io.exists(p) else f"{p}: expected a checkpoint file")
+        src = io.BytesIO(svis_io.read_bytes(p, "checkpoint"))
+    else:
+        if not p.is_file():
+            raise SvisError(f"{p}: checkpoint not found" if not p.exists() else f"{p}: expected a checkpoint file")
+        src = p
     try:
-        if p.suffix == ".pkl":
-            with open(p, "rb") as f:
+        if str(p).endswith(".pkl"):
+            with (open(src, "rb") if isinstance(src, Path) else src) as f:
                 obj = _NumpyUnpickler(f, encoding="latin1").load()
         else:
-            obj = torch.load(p, map_location="cpu", weights_only=True)
+            obj = torch.load(src, map_location="cpu", weights_only=True)
     except _Refused as e:
         raise SvisError(f"{p}: {e}") from None
     except Exception as e:  # truncated zip, bad opcode, EOF, a global refused by torch ...: a bad file
@@ -177,7 +190,7 @@ def load_pretrained(model: MinVIS, path: str | os.PathLike) -> dict:
 
     Returns ``{"format", "loaded": int, "skipped": [model keys], "ignored": [file keys]}``.
     """
-    p = Path(path)
+    p = _location(path)
     ckpt = _read(p)
     if ckpt.get("format") == FORMAT:
         fmt, state, mapper = "svis-ray", ckpt.get("model"), lambda k: k
@@ -210,9 +223,9 @@ def save_checkpoint(path: str | os.PathLike, model: MinVIS, class_names: list[st
         "extra": extra or {},
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
-    with atomic_path(path) as tmp:
+    with svis_io.output_file(path) as tmp:
         torch.save(payload, tmp)
-    return Path(path)
+    return _location(path)
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[MinVIS, dict]:
@@ -220,7 +233,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
 
     info: ``config`` (ModelConfig), ``class_names`` (list[str]), ``extra`` (dict).
     """
-    p = Path(path)
+    p = _location(path)
     ckpt = _read(p)
     if ckpt.get("format") != FORMAT:
         raise SvisError(f"{p}: not an svis-ray checkpoint (use it as pretrained weights instead)")
@@ -249,7 +262,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     ``load_checkpoint``; for an official checkpoint ``info["extra"]`` holds ``format`` and
     MinVIS's own test settings (``tracker`` minvis, short side 360, long side at most 1333).
     """
-    p = Path(path)
+    p = _location(path)
     ckpt = _read(p)
     if ckpt.get("format") == FORMAT:
         return load_checkpoint(p, device)
