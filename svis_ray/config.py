@@ -320,10 +320,9 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    from svis_ray.io import atomic_path
+    from svis_ray.io import write_text
 
-    with atomic_path(path) as tmp:
-        tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))  # a local path or a URI
 
 
 def absolute_paths(cfg: Config) -> Config:

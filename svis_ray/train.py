@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import json
 import logging
 import os
 import re
-import shutil
 import tempfile
 import time
 import warnings
@@ -27,6 +27,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+import pyarrow.fs
 import ray
 import ray.train
 import torch
@@ -34,6 +35,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2._internal.execution.failure_handling import FailureDecision, FailurePolicy
 
+from svis_ray import io as svis_io
 from svis_ray.config import Config, absolute_paths, check_config, config_from_dict
 from svis_ray.console import console_line, log_file_for, route_worker_output, with_log
 from svis_ray.errors import SvisError
@@ -73,8 +75,9 @@ def worker_device() -> torch.device:
     return torch.device("cpu")
 
 
-def run_dir(cfg: Config) -> Path:
-    return Path(cfg.output.dir).expanduser().resolve()
+def run_dir(cfg: Config) -> str:
+    """The run folder: an absolute local path, or a URI (``s3://bucket/runs/x``) kept as given."""
+    return svis_io.absolute(cfg.output.dir)
 
 
 def num_clips(cfg: Config, world_size: int) -> int:
@@ -301,7 +304,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- logging callback
 class MetricsLogger(UserCallback):
     """Writes rank-0 metrics to ``metrics.csv`` and TensorBoard, prints progress, records the
-    last checkpointed step for the dataset factory. Runs in the Train controller (driver node)."""
+    last checkpointed step for the dataset factory. Runs in the Train controller (driver node).
+
+    Everything goes through ``svis_ray.io``, so the run folder may be a URI: ``metrics.csv`` is
+    rewritten whole on object stores (no append there), and TensorBoard writes to a local temp
+    folder whose event file is uploaded after every flush."""
 
     def __init__(self, out_dir: str, max_steps: int, progress_bar: bool) -> None:
         self.out_dir = out_dir
@@ -309,39 +316,41 @@ class MetricsLogger(UserCallback):
         self.progress_bar = progress_bar
         self.fields: list[str] | None = None
         self.writer = None
+        self.csv: svis_io.Appender | None = None
+        self.tb: svis_io.MirroredDir | None = None
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         m = metrics[0]
-        os.makedirs(self.out_dir, exist_ok=True)
-        path = os.path.join(self.out_dir, "metrics.csv")
         row = {k: v for k, v in m.items() if isinstance(v, (int, float))}
-        if self.fields is None:
-            self.fields = sorted(row)
-            if os.path.exists(path):  # resumed run: keep appending with the original columns
-                with open(path) as f:
-                    header = f.readline().strip()
-                self.fields = header.split(",") if header else self.fields
-        new = not os.path.exists(path)
-        with open(path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
-            if new:
-                w.writeheader()
-            w.writerow(row)
+        if self.csv is None:
+            svis_io.makedirs(self.out_dir)
+            self.csv = svis_io.Appender(svis_io.join(self.out_dir, "metrics.csv"))
+            # a resumed run keeps appending with the original columns
+            header = self.csv.existing().split("\n", 1)[0].strip()
+            self.fields = header.split(",") if header else sorted(row)
+            new = not header
+        else:
+            new = False
+        line = io.StringIO(newline="")
+        w = csv.DictWriter(line, fieldnames=self.fields, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerow(row)
+        self.csv.append(line.getvalue())
         if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(os.path.join(self.out_dir, "tb"))
+            self.tb = svis_io.MirroredDir(svis_io.join(self.out_dir, "tb"))
+            self.writer = SummaryWriter(self.tb.local)
         for k, v in row.items():
             if k not in ("step", "time", "step_start") and not k.startswith("teacher_time"):
                 self.writer.add_scalar(k, v, int(m["step"]))
         if checkpoint is not None:
             add_eval_picture(self.writer, checkpoint, int(m["step"]))
         self.writer.flush()
+        self.tb.sync()
         if checkpoint is not None:
-            tmp = os.path.join(self.out_dir, PROGRESS_FILE + ".tmp")
-            with open(tmp, "w") as f:
-                json.dump({"step": int(m["step"])}, f)
-            os.replace(tmp, os.path.join(self.out_dir, PROGRESS_FILE))
+            svis_io.write_json(svis_io.join(self.out_dir, PROGRESS_FILE), {"step": int(m["step"])})
         step = int(m["step"])
         done = int(30 * step / self.max_steps)
         bar = f"[{'#' * done}{'.' * (30 - done)}] " if self.progress_bar else ""
@@ -366,10 +375,13 @@ def add_eval_picture(writer, checkpoint: Checkpoint, step: int) -> None:
 
 # ----------------------------------------------------------------------------- the driver
 def _read_progress(out_dir: str) -> int:
+    """The last checkpointed step recorded in the run folder, 0 for a new run."""
+    path = svis_io.join(out_dir, PROGRESS_FILE)
+    if not svis_io.exists(path):
+        return 0
     try:
-        with open(os.path.join(out_dir, PROGRESS_FILE)) as f:
-            return int(json.load(f)["step"])
-    except (OSError, ValueError, KeyError):
+        return int(svis_io.read_json(path, "progress file")["step"])
+    except (SvisError, TypeError, ValueError, KeyError):
         return 0
 
 
@@ -380,10 +392,10 @@ def make_dataset_factory(cfg: Config, world_size: int, num_classes: int, store_n
     from svis_ray.data.ingest import DecodeConfig, clip_rows, decode_clip, load_split, throttled
     from svis_ray.teacher import Teacher
 
-    out_dir = str(run_dir(cfg))
+    out_dir = run_dir(cfg)
     cfg_dict = cfg.to_dict()
     # Masks in training resolution, as RLE; the frame index is the video's.
-    store_dir = os.path.join(out_dir, "pseudo_labels") if cfg.pseudo.store == "parquet" else None
+    store_dir = svis_io.join(out_dir, "pseudo_labels") if cfg.pseudo.store == "parquet" else None
 
     def factory():
         train = load_split(cfg.data.root, cfg.data.train_json)
@@ -509,14 +521,19 @@ def run_training(cfg: Config, callbacks: list[UserCallback] | None = None) -> di
     store_name, store = None, None
     if cfg.teacher.mode != "online":
         # Named in the driver's namespace; the handle below keeps it alive until fit() returns.
-        store_name = f"svis_weights_{out.name}_{abs(hash(str(out))) % 10**8}"
+        store_name = f"svis_weights_{svis_io.basename(out)}_{abs(hash(out)) % 10**8}"
         store = WeightStore.options(name=store_name, namespace=ray.get_runtime_context().namespace,
                                     get_if_exists=True).remote()
     namespace = ray.get_runtime_context().namespace
-    out.mkdir(parents=True, exist_ok=True)
+    svis_io.makedirs(out)
     from svis_ray.config import save_config
 
-    save_config(cfg, out / "config.yaml")
+    save_config(cfg, svis_io.join(out, "config.yaml"))
+    done = _read_progress(out)
+    if done:
+        msg = f"resuming from step {done} of {cfg.train.max_steps} ({out})"
+        in_actor = ray.get_runtime_context().get_actor_id() is not None  # a Tune trial: tag it for the console
+        print(console_line(msg) if in_actor else msg, flush=True)
     use_gpu = cfg.train.use_gpu
     resources = {"CPU": cfg.train.cpus_per_worker}
     if use_gpu:
@@ -528,12 +545,12 @@ def run_training(cfg: Config, callbacks: list[UserCallback] | None = None) -> di
         scaling_config=ScalingConfig(num_workers=world, use_gpu=use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu and torch.cuda.is_available() else "gloo"),
         run_config=RunConfig(
-            name=out.name, storage_path=str(out.parent),
+            name=svis_io.basename(out), **storage_options(out),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep,
                                                checkpoint_score_attribute="val_AP",
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            callbacks=[MetricsLogger(str(out), cfg.train.max_steps, cfg.output.progress_bar),
+            callbacks=[MetricsLogger(out, cfg.train.max_steps, cfg.output.progress_bar),
                        *(callbacks or [])]),
         datasets={"train": make_dataset_factory(cfg, world, len(class_names), store_name, namespace)},
         dataset_config=ray.train.DataConfig(execution_options=ingest_options(cfg)),
@@ -554,13 +571,22 @@ def run_training(cfg: Config, callbacks: list[UserCallback] | None = None) -> di
         or result.checkpoint
     if best is None:
         raise SvisError(f"{out}: training finished without a checkpoint")
-    summary: dict[str, Any] = {"run_dir": str(out), "steps": cfg.train.max_steps}
-    with best.as_directory() as d:
-        shutil.copyfile(os.path.join(d, "model.pt"), out / "best.pt")
-        for name in ("results.json", "metrics.json"):
-            if os.path.exists(os.path.join(d, name)):
-                shutil.copyfile(os.path.join(d, name), out / name)
-    summary["checkpoint"] = str(out / "best.pt")
-    if (out / "metrics.json").exists():
-        summary["metrics"] = json.loads((out / "metrics.json").read_text())
+    summary: dict[str, Any] = {"run_dir": out, "steps": cfg.train.max_steps}
+    # File by file from wherever the checkpoint lives (the run folder's filesystem) to the run folder.
+    for src, dst in (("model.pt", "best.pt"), ("results.json", "results.json"), ("metrics.json", "metrics.json")):
+        path = f"{best.path}/{src}"
+        if src == "model.pt" or best.filesystem.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
+            svis_io.copy_file(path, svis_io.join(out, dst), src_filesystem=best.filesystem)
+    summary["checkpoint"] = svis_io.join(out, "best.pt")
+    if svis_io.exists(svis_io.join(out, "metrics.json")):
+        summary["metrics"] = svis_io.read_json(svis_io.join(out, "metrics.json"))
     return summary
+
+
+def storage_options(out: str) -> dict[str, Any]:
+    """``RunConfig`` storage of the run folder ``out``: its parent folder, and for a URI the
+    process's cached filesystem of it (then ``storage_path`` is a path on that filesystem)."""
+    if not svis_io.is_uri(out):
+        return {"storage_path": svis_io.parent(out)}
+    fs, path = svis_io.filesystem(svis_io.parent(out))
+    return {"storage_path": path, "storage_filesystem": fs}

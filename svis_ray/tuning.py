@@ -17,8 +17,8 @@ import copy
 import csv
 import dataclasses
 import importlib.util
+import io
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +28,7 @@ import yaml
 from svis_ray.config import (Config, _build, _merge, absolute_paths, check_config, config_from_dict, load_config,
                              parse_overrides, save_config)
 from svis_ray.console import log_file_for, with_log
+from svis_ray import io as svis_io
 from svis_ray.errors import SvisError
 
 # Sweep YAML form -> Ray Tune domain. randint bounds are both inclusive (Tune's upper is not).
@@ -74,8 +75,9 @@ class Sweep:
     source: str
 
     @property
-    def dir(self) -> Path:
-        return Path(self.settings.storage_path).expanduser().resolve() / self.settings.name
+    def dir(self) -> str:
+        """The sweep folder: an absolute local path, or a URI (``s3://bucket/tune/sweep``)."""
+        return svis_io.join(svis_io.absolute(self.settings.storage_path), self.settings.name)
 
     @property
     def num_trials(self) -> int:
@@ -271,7 +273,7 @@ def _run_trial(params: dict[str, Any], base_config: dict[str, Any], trials_dir: 
     from svis_ray.train import run_training
 
     trial_id = tune.get_context().get_trial_id()
-    cfg = trial_config(base_config, params, os.path.join(trials_dir, trial_id))
+    cfg = trial_config(base_config, params, svis_io.join(trials_dir, trial_id))
     try:
         run_training(cfg, callbacks=[TuneReportCallback()])
     except SvisError as e:
@@ -320,7 +322,7 @@ def build_tuner(sweep: Sweep):
 
     trainable = tune.with_resources(
         tune.with_parameters(_run_trial, base_config=absolute_paths(sweep.base).to_dict(),
-                             trials_dir=str(sweep.dir / "trials"), metric=sweep.settings.tune.metric),
+                             trials_dir=svis_io.join(sweep.dir, "trials"), metric=sweep.settings.tune.metric),
         {"cpu": DRIVER_CPUS})
     if tune.Tuner.can_restore(str(sweep.dir)):
         print(f"resuming the sweep in {sweep.dir}", flush=True)
@@ -338,7 +340,7 @@ def build_tuner(sweep: Sweep):
             # still writes its best.pt and metrics.json instead of being killed at its last report.
             scheduler=ASHAScheduler(time_attr="step", max_t=sweep.max_t, grace_period=sweep.grace_period,
                                     reduction_factor=t.reduction_factor, stop_last_trials=False)),
-        run_config=tune.RunConfig(name=sweep.settings.name, storage_path=str(sweep.dir.parent),
+        run_config=tune.RunConfig(name=sweep.settings.name, storage_path=svis_io.parent(sweep.dir),
                                   failure_config=tune.FailureConfig(max_failures=t.max_failures),
                                   stop=_user_error_stopper(), verbose=1),
     )
@@ -402,21 +404,18 @@ def format_summary(rows: list[dict[str, Any]], sweep: Sweep) -> str:
 
 
 def write_summary(rows: list[dict[str, Any]], sweep: Sweep) -> None:
-    from svis_ray.io import atomic_path
-
     fields = ["trial", *sweep.settings.search_space, "score", "AP", "AP50", "eval_step", "steps", "status", "error"]
-    with atomic_path(sweep.dir / "summary.csv") as tmp:
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
-    with atomic_path(sweep.dir / "summary.md") as tmp:
-        tmp.write_text(format_summary(rows, sweep) + "\n")
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=fields, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    svis_io.write_text(svis_io.join(sweep.dir, "summary.csv"), text.getvalue())
+    svis_io.write_text(svis_io.join(sweep.dir, "summary.md"), format_summary(rows, sweep) + "\n")
 
 
 def best_config(sweep: Sweep, params: dict[str, Any]) -> Config:
     """The base config with the best trial's values, training into its own fresh folder."""
-    out = str(Path(sweep.settings.storage_path) / sweep.settings.name / "best_run")
+    out = svis_io.join(sweep.settings.storage_path, sweep.settings.name, "best_run")
     return trial_config(sweep.base.to_dict(), params, out)
 
 
@@ -448,7 +447,7 @@ def run_sweep(config_path: str, overrides: list[str]) -> dict[str, Any]:
     if rows[0]["score"] is None:
         first = next((r["error"] for r in rows if r["error"]), "no evaluation reported")
         raise SvisError(f"{sweep.dir}: no trial reported {sweep.settings.tune.metric}; first error: {first}")
-    path = sweep.dir / "best.yaml"
+    path = svis_io.join(sweep.dir, "best.yaml")
     save_config(best_config(sweep, {k: rows[0][k] for k in sweep.settings.search_space}), path)
     print(f"sweep folder: {sweep.dir}; best trial {rows[0]['trial']} ({sweep.settings.tune.metric} "
           f"{rows[0]['score']:.4g}); train it with: svis-ray train --config {path}", flush=True)
