@@ -159,7 +159,8 @@ def read_bytes(location: Location, what: str = "file") -> bytes:
         if not is_uri(location):
             return _local(location).read_bytes()
         fs, path = filesystem(location)
-        with fs.open_input_stream(path) as f:
+        # A random-access file knows its size: one GET; a stream's read() fetches it in many small ranges.
+        with fs.open_input_file(path) as f:
             return f.read()
     except SvisError:
         raise
