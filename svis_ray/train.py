@@ -22,6 +22,7 @@ import re
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -139,166 +140,276 @@ def quiet_report_log() -> None:
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)  # Ray names it by file
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Runs on every ``TorchTrainer`` worker."""
-    from svis_ray.data.collate import ClipCollate
-    from svis_ray.data.ingest import load_split
-    from svis_ray.inference import evaluate_split
-    from svis_ray.losses import SetCriterion
-    from svis_ray.matcher import HungarianMatcher
-    from svis_ray.model import build_model, load_pretrained, preprocess, save_checkpoint
-    from svis_ray.optim import build_optimizer, build_scheduler, train_step
-    from svis_ray.pseudo import strong_augment
+@dataclass
+class TrainState:
+    """What a checkpoint holds and a restart restores: the student, its optimiser, schedule and
+    loss scaler, the EMA teacher (rank 0; None when there is none), the step and the best held-out AP."""
 
-    cfg = config_from_dict(loop_config["config"])
-    class_names: list[str] = loop_config["class_names"]
-    store_name: str | None = loop_config["store_name"]
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    quiet_report_log()
-    if cfg.train.torch_threads:
-        torch.set_num_threads(cfg.train.torch_threads)
-    torch.manual_seed(cfg.train.seed * 1000 + rank)
-    device = worker_device()
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    ema: torch.nn.Module | None = None
+    step: int = 0
+    best_ap: float = -1.0
 
-    model = build_model(cfg.model.preset, len(class_names), **cfg.model.overrides)
+    @property
+    def final(self) -> torch.nn.Module:
+        """The run's model (Mean Teacher): the EMA teacher when there is one, else the student.
+        It is what gets evaluated and what model.pt -- and so best.pt -- holds."""
+        return self.ema if self.ema is not None else self.model
+
+
+def build_state(cfg: Config, num_classes: int, device: torch.device) -> TrainState:
+    """A fresh student (with ``model.weights``) and its optimiser, learning-rate schedule and scaler."""
+    from svis_ray.model import build_model, load_pretrained
+    from svis_ray.optim import build_optimizer, build_scheduler
+
+    model = build_model(cfg.model.preset, num_classes, **cfg.model.overrides)
     if cfg.model.weights:
         load_pretrained(model, cfg.model.weights)
-    L = cfg.loss
-    matcher = HungarianMatcher(L.class_weight, L.mask_weight, L.dice_weight, L.num_points)
-    criterion = SetCriterion(len(class_names), matcher,
-                             weight_dict={"loss_ce": L.class_weight, "loss_mask": L.mask_weight,
-                                          "loss_dice": L.dice_weight},
-                             eos_coef=L.eos_coef, num_points=L.num_points, oversample_ratio=L.oversample_ratio,
-                             importance_sample_ratio=L.importance_sample_ratio).to(device)
     model.to(device)
     optimizer = build_optimizer(model, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                                 backbone_multiplier=cfg.train.backbone_multiplier)
     scheduler = build_scheduler(optimizer, cfg.train.max_steps, warmup_steps=cfg.train.warmup_steps,
                                 milestones=tuple(cfg.train.milestones), gamma=cfg.train.gamma)
     amp = cfg.train.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda") if amp else None
+    return TrainState(model, optimizer, scheduler, torch.amp.GradScaler("cuda") if amp else None)
 
-    step, best_ap, ema = 0, -1.0, None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt:
-        with ckpt.as_directory() as d:
-            load_pretrained(model, os.path.join(d, "model.pt"))
-            state = torch.load(os.path.join(d, "train_state.pt"), map_location=device, weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, best_ap = int(state["step"]), float(state["best_ap"])
-        if state.get("student") is not None:  # model.pt holds the EMA teacher (see the save below)
-            ema = copy.deepcopy(model)
-            model.load_state_dict(state["student"])
-        elif state.get("ema") is not None:  # written before model.pt held the EMA
-            ema = copy.deepcopy(model)
-            ema.load_state_dict(state["ema"])
-    if rank == 0 and cfg.teacher.mode == "ema" and ema is None:
-        ema = copy.deepcopy(model)
-    if ema is not None:
-        ema.to(device).eval().requires_grad_(False)
 
-    store = ray.get_actor(store_name, namespace=loop_config["namespace"]) if (store_name and rank == 0) else None
+def build_criterion(cfg: Config, num_classes: int, device: torch.device):
+    """MinVIS's set criterion (Hungarian matching; class, mask BCE and dice losses)."""
+    from svis_ray.losses import SetCriterion
+    from svis_ray.matcher import HungarianMatcher
 
-    def publish() -> None:
-        state = {k: v.detach().to("cpu", copy=True) for k, v in ema.state_dict().items()}
-        ray.get(store.put.remote(step, state))
+    L = cfg.loss
+    matcher = HungarianMatcher(L.class_weight, L.mask_weight, L.dice_weight, L.num_points)
+    return SetCriterion(num_classes, matcher,
+                        weight_dict={"loss_ce": L.class_weight, "loss_mask": L.mask_weight,
+                                     "loss_dice": L.dice_weight},
+                        eos_coef=L.eos_coef, num_points=L.num_points, oversample_ratio=L.oversample_ratio,
+                        importance_sample_ratio=L.importance_sample_ratio).to(device)
 
-    if store is not None and cfg.teacher.mode == "ema":
-        publish()  # version = the step it was taken at; teachers wait for the first one
 
-    student = ray.train.torch.prepare_model(model, move_to_device=device)
-    val = load_split(cfg.data.root, cfg.data.val_json) if rank == 0 and cfg.data.val_json else None
-    window = _Window()
-    last_metrics: dict[str, Any] = {}
-    shard = ray.train.get_dataset_shard("train")
-    batches = shard.iter_torch_batches(batch_size=cfg.data.clips_per_step, collate_fn=ClipCollate(),
-                                       prefetch_batches=1)
-    for images, targets, stats in batches:
-        if step >= cfg.train.max_steps:
-            break
-        t_step = time.time()
-        lam = pseudo_weight(step, cfg)
-        for t in targets:
-            # pseudo.reliability scales a teacher-labelled frame's whole loss (background too)
-            t["weight"] = lam * t.get("reliability", 1.0) if t["pseudo"] else 1.0
-            t["bg_weight"] = cfg.pseudo.background_weight if t["pseudo"] else 1.0
-            if t["labels"] is not None:
-                t["labels"], t["masks"] = t["labels"].to(device), t["masks"].to(device)
-        if cfg.teacher.mode == "online":  # the student labels its unlabelled frames from this forward
-            frames = images  # the clean frames: strong_aug below rebinds `images` before the lambda runs
-            targets_or_fn = lambda outputs: _online_targets(outputs, targets, cfg, frames)  # noqa: E731
-        else:
-            targets_or_fn = targets
-        if cfg.pseudo.strong_aug:
-            images = strong_augment(images, targets)
-        x = preprocess(images.to(device), [t["size"] for t in targets])  # normalise, then zero the padding
-        parts = train_step(student, criterion, optimizer, scheduler, x, targets_or_fn,
-                           scaler=scaler, clip_norm=cfg.train.clip_norm, amp=amp)
-        pseudo = [t for t in targets if t["pseudo"] and "scores" in t]  # teacher- or self-labelled
-        kept = sum(len(t["labels"]) for t in pseudo)
-        cands = (sum(t["candidates"] for t in pseudo) if cfg.teacher.mode == "online"
-                 else stats.get("pseudo_candidates", 0.0))
-        pseudo_frames = len(pseudo)
-        step += 1
-        if ema is not None:
-            with torch.no_grad():
-                m = ema_momentum(step, cfg.teacher.ema_momentum)
-                for pe, ps in zip(ema.state_dict().values(), model.state_dict().values()):
-                    if pe.dtype.is_floating_point:
-                        pe.mul_(m).add_(ps.detach(), alpha=1 - m)
-                    else:
-                        pe.copy_(ps)
-            if store is not None and step % cfg.teacher.publish_every == 0:
-                publish()
-        window.add({**parts, "lambda_pseudo": lam, "pseudo_per_frame": kept / max(1, pseudo_frames),
-                    "acceptance": kept / cands if cands else 0.0, "bad_frames": stats["bad_frames"],
-                    "teacher_lag": (step - 1 - stats["teacher_version_min"]) if "teacher_version_min" in stats
-                    else 0.0}, frames=len(images))
-        last_metrics.update(step=step, time=time.time(), step_start=t_step,
-                            teacher_time_max=stats.get("teacher_time_max", float("nan")),
-                            teacher_time_min=stats.get("teacher_time_min", float("nan")))
-        do_ckpt = step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps
-        do_eval = val is not None and (step == cfg.train.max_steps or (
-            cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0))
-        if not (do_ckpt or step % cfg.train.log_every == 0):
-            continue
-        metrics = {**window.means(), **last_metrics, "val_AP": best_ap}
-        window = _Window()
-        if not do_ckpt:
-            ray.train.report(metrics)
-            continue
-        with tempfile.TemporaryDirectory() as d:
-            if rank == 0:
-                # The EMA teacher is the run's model (Mean Teacher): it is what gets evaluated and
-                # what model.pt -- and so best.pt -- holds; the student, needed only to resume
-                # training, goes to train_state.pt.
-                final = ema if ema is not None else model
-                if do_eval:
-                    val_metrics, records = evaluate_split(final, val, cfg.data.root, cfg.data.min_size_test,
-                                                          cfg.data.max_size_test, window=cfg.inference.window,
-                                                          topk=cfg.inference.topk, tracker=cfg.inference.tracker)
-                    metrics.update({f"val_{k}": v for k, v in val_metrics.items() if k != "per_category"})
-                    best_ap = max(best_ap, val_metrics["AP"])
-                    with open(os.path.join(d, "results.json"), "w") as f:
-                        json.dump(records, f)
-                    with open(os.path.join(d, "metrics.json"), "w") as f:
-                        json.dump({**val_metrics, "step": step, "tracker": cfg.inference.tracker}, f, indent=1)
-                    write_png(os.path.join(d, EVAL_PICTURE), render_eval_picture(val, cfg.data.root, records))
-                save_checkpoint(os.path.join(d, "model.pt"), final, class_names,
-                                extra={"step": step, "val_AP": metrics["val_AP"],
-                                       "min_size_test": cfg.data.min_size_test,
-                                       "max_size_test": cfg.data.max_size_test,
-                                       # what produced results.json; predict's default
-                                       "tracker": cfg.inference.tracker, "topk": cfg.inference.topk})
-                torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                            "step": step, "best_ap": best_ap,
-                            "student": model.state_dict() if final is not model else None},
-                           os.path.join(d, "train_state.pt"))
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+def restore(state: TrainState, ckpt: Checkpoint | None, device: torch.device) -> None:
+    """Load the last checkpoint of this run into ``state`` (nothing on a fresh start).
+
+    model.pt holds the run's model (the EMA teacher when there is one), train_state.pt the
+    optimiser, schedule, step, best AP and -- with an EMA -- the student."""
+    from svis_ray.model import load_pretrained
+
+    if not ckpt:
+        return
+    with ckpt.as_directory() as d:
+        load_pretrained(state.model, os.path.join(d, "model.pt"))
+        saved = torch.load(os.path.join(d, "train_state.pt"), map_location=device, weights_only=True)
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.scheduler.load_state_dict(saved["scheduler"])
+    state.step, state.best_ap = int(saved["step"]), float(saved["best_ap"])
+    if saved.get("student") is not None:  # model.pt held the EMA teacher
+        state.ema = copy.deepcopy(state.model)
+        state.model.load_state_dict(saved["student"])
+    elif saved.get("ema") is not None:  # written before model.pt held the EMA
+        state.ema = copy.deepcopy(state.model)
+        state.ema.load_state_dict(saved["ema"])
+
+
+class EmaTeacher:
+    """The Mean Teacher: an exponential moving average of the student (rank 0 only), published to
+    the ``WeightStore`` every ``teacher.publish_every`` steps for the teacher actor pool."""
+
+    def __init__(self, state: TrainState, cfg: Config, store) -> None:
+        if state.ema is None:
+            state.ema = copy.deepcopy(state.model)
+        self.ema = state.ema.eval().requires_grad_(False)
+        self.momentum = cfg.teacher.ema_momentum
+        self.publish_every = cfg.teacher.publish_every
+        self.store = store
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        """Fold the student's weights after ``step`` optimiser steps into the average."""
+        m = ema_momentum(step, self.momentum)
+        for pe, ps in zip(self.ema.state_dict().values(), model.state_dict().values()):
+            if pe.dtype.is_floating_point:
+                pe.mul_(m).add_(ps.detach(), alpha=1 - m)
             else:
-                ray.train.report(metrics)
+                pe.copy_(ps)
+
+    def publish(self, step: int) -> None:
+        """Hand the weights to the teachers; version = the step they were taken at."""
+        if self.store is not None:
+            state = {k: v.detach().to("cpu", copy=True) for k, v in self.ema.state_dict().items()}
+            ray.get(self.store.put.remote(step, state))
+
+    def after_step(self, model: torch.nn.Module, step: int) -> None:
+        self.update(model, step)
+        if step % self.publish_every == 0:
+            self.publish(step)
+
+
+def pseudo_weights(targets: list[dict], step: int, cfg: Config, device: torch.device) -> float:
+    """Set each frame's loss weights (pseudo-labelled frames: lambda_pseudo x reliability, their
+    unmatched queries ``pseudo.background_weight``) and move its labels to ``device``; returns lambda."""
+    lam = pseudo_weight(step, cfg)
+    for t in targets:
+        # pseudo.reliability scales a teacher-labelled frame's whole loss (background too)
+        t["weight"] = lam * t.get("reliability", 1.0) if t["pseudo"] else 1.0
+        t["bg_weight"] = cfg.pseudo.background_weight if t["pseudo"] else 1.0
+        if t["labels"] is not None:
+            t["labels"], t["masks"] = t["labels"].to(device), t["masks"].to(device)
+    return lam
+
+
+def student_step(student: torch.nn.Module, criterion, state: TrainState, images: torch.Tensor,
+                 targets: list[dict], stats: dict[str, Any], cfg: Config, device: torch.device
+                 ) -> dict[str, float]:
+    """One optimiser step of the student on a batch from the stream; returns the step's metrics.
+
+    images: uint8 [N,3,H,W] padded frames; targets: N frame dicts (``ClipCollate``); stats: the
+    batch's stream statistics (teacher versions, candidates, bad frames)."""
+    from svis_ray.model import preprocess
+    from svis_ray.optim import train_step
+    from svis_ray.pseudo import strong_augment
+
+    lam = pseudo_weights(targets, state.step, cfg, device)
+    if cfg.teacher.mode == "online":  # the student labels its unlabelled frames from this forward
+        frames = images  # the clean frames: strong_aug below rebinds `images` before the lambda runs
+        targets_or_fn = lambda outputs: _online_targets(outputs, targets, cfg, frames)  # noqa: E731
+    else:
+        targets_or_fn = targets
+    if cfg.pseudo.strong_aug:
+        images = strong_augment(images, targets)
+    x = preprocess(images.to(device), [t["size"] for t in targets])  # normalise, then zero the padding
+    parts = train_step(student, criterion, state.optimizer, state.scheduler, x, targets_or_fn,
+                       scaler=state.scaler, clip_norm=cfg.train.clip_norm, amp=state.scaler is not None)
+    pseudo = [t for t in targets if t["pseudo"] and "scores" in t]  # teacher- or self-labelled
+    kept = sum(len(t["labels"]) for t in pseudo)
+    cands = (sum(t["candidates"] for t in pseudo) if cfg.teacher.mode == "online"
+             else stats.get("pseudo_candidates", 0.0))
+    return {**parts, "lambda_pseudo": lam, "pseudo_per_frame": kept / max(1, len(pseudo)),
+            "acceptance": kept / cands if cands else 0.0, "bad_frames": stats["bad_frames"],
+            # steps the teacher's weights were behind the student when it labelled this batch
+            "teacher_lag": (state.step - stats["teacher_version_min"]) if "teacher_version_min" in stats
+            else 0.0}
+
+
+class Reporter:
+    """Reports to Ray Train: window means every ``train.log_every`` steps; at checkpoints rank 0
+    also evaluates the run's model on the held-out split (``train.eval_every``) and writes the
+    checkpoint (model.pt, train_state.pt, results.json, metrics.json, eval.png).
+
+    Every rank calls ``ray.train.report`` at the same steps (it is a barrier)."""
+
+    def __init__(self, cfg: Config, rank: int, class_names: list[str]) -> None:
+        from svis_ray.data.ingest import load_split
+
+        self.cfg, self.rank, self.class_names = cfg, rank, class_names
+        self.val = load_split(cfg.data.root, cfg.data.val_json) if rank == 0 and cfg.data.val_json else None
+        self.window = _Window()
+        self.last: dict[str, Any] = {}
+
+    def add(self, metrics: dict[str, float], frames: int, step_start: float, step: int,
+            stats: dict[str, Any]) -> None:
+        self.window.add(metrics, frames=frames)
+        self.last.update(step=step, time=time.time(), step_start=step_start,
+                         teacher_time_max=stats.get("teacher_time_max", float("nan")),
+                         teacher_time_min=stats.get("teacher_time_min", float("nan")))
+
+    def after_step(self, state: TrainState) -> None:
+        cfg, step = self.cfg, state.step
+        do_ckpt = step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps
+        if not (do_ckpt or step % cfg.train.log_every == 0):
+            return
+        metrics = {**self.window.means(), **self.last, "val_AP": state.best_ap}
+        self.window = _Window()
+        if not do_ckpt or self.rank != 0:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            if self.val is not None and (step == cfg.train.max_steps or (
+                    cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0)):
+                metrics.update(self.evaluate(state, d))
+            self.write_checkpoint(state, d, metrics["val_AP"])
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+
+    def evaluate(self, state: TrainState, d: str) -> dict[str, float]:
+        """Held-out evaluation of the run's model into checkpoint folder ``d``; returns val_* metrics."""
+        from svis_ray.inference import evaluate_split
+
+        cfg = self.cfg
+        val_metrics, records = evaluate_split(state.final, self.val, cfg.data.root, cfg.data.min_size_test,
+                                              cfg.data.max_size_test, window=cfg.inference.window,
+                                              topk=cfg.inference.topk, tracker=cfg.inference.tracker)
+        state.best_ap = max(state.best_ap, val_metrics["AP"])
+        with open(os.path.join(d, "results.json"), "w") as f:
+            json.dump(records, f)
+        with open(os.path.join(d, "metrics.json"), "w") as f:
+            json.dump({**val_metrics, "step": state.step, "tracker": cfg.inference.tracker}, f, indent=1)
+        write_png(os.path.join(d, EVAL_PICTURE), render_eval_picture(self.val, cfg.data.root, records))
+        return {f"val_{k}": v for k, v in val_metrics.items() if k != "per_category"}
+
+    def write_checkpoint(self, state: TrainState, d: str, val_ap: float) -> None:
+        """model.pt (the run's model, what predict and best.pt use) and train_state.pt (the rest
+        of what a restart needs: optimiser, schedule, step, best AP, the student under an EMA)."""
+        from svis_ray.model import save_checkpoint
+
+        cfg = self.cfg
+        save_checkpoint(os.path.join(d, "model.pt"), state.final, self.class_names,
+                        extra={"step": state.step, "val_AP": val_ap,
+                               "min_size_test": cfg.data.min_size_test, "max_size_test": cfg.data.max_size_test,
+                               # what produced results.json; predict's default
+                               "tracker": cfg.inference.tracker, "topk": cfg.inference.topk})
+        torch.save({"optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
+                    "step": state.step, "best_ap": state.best_ap,
+                    "student": state.model.state_dict() if state.final is not state.model else None},
+                   os.path.join(d, "train_state.pt"))
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Runs on every ``TorchTrainer`` worker: restore, then per batch a student step, the EMA
+    teacher's update/publish and the report (a checkpoint every ``train.checkpoint_every``)."""
+    from svis_ray.data.collate import ClipCollate
+
+    cfg = config_from_dict(loop_config["config"])
+    class_names: list[str] = loop_config["class_names"]
+    store_name: str | None = loop_config["store_name"]
+    rank = ray.train.get_context().get_world_rank()
+    quiet_report_log()
+    if cfg.train.torch_threads:
+        torch.set_num_threads(cfg.train.torch_threads)
+    torch.manual_seed(cfg.train.seed * 1000 + rank)
+    device = worker_device()
+
+    # 1. restore: a fresh student, or the last checkpoint of this run
+    state = build_state(cfg, len(class_names), device)
+    criterion = build_criterion(cfg, len(class_names), device)
+    restore(state, ray.train.get_checkpoint(), device)
+    if rank != 0:
+        state.ema = None  # only rank 0 evaluates, checkpoints and publishes the teacher
+    teacher = None
+    if state.ema is not None or (rank == 0 and cfg.teacher.mode == "ema"):
+        store = ray.get_actor(store_name, namespace=loop_config["namespace"]) if store_name else None
+        teacher = EmaTeacher(state, cfg, store if cfg.teacher.mode == "ema" else None)
+        teacher.publish(state.step)  # teachers wait for this first version
+    student = ray.train.torch.prepare_model(state.model, move_to_device=device)
+    reporter = Reporter(cfg, rank, class_names)
+
+    batches = ray.train.get_dataset_shard("train").iter_torch_batches(
+        batch_size=cfg.data.clips_per_step, collate_fn=ClipCollate(), prefetch_batches=1)
+    for images, targets, stats in batches:
+        if state.step >= cfg.train.max_steps:
+            break
+        step_start = time.time()
+        # 2. the student's step
+        metrics = student_step(student, criterion, state, images, targets, stats, cfg, device)
+        state.step += 1
+        # 3. the teacher's update and publish
+        if teacher is not None:
+            teacher.after_step(state.model, state.step)
+        # 4. report, checkpoint (and evaluate)
+        reporter.add(metrics, len(images), step_start, state.step, stats)
+        reporter.after_step(state)
 
 
 # ----------------------------------------------------------------------------- logging callback
