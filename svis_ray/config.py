@@ -45,7 +45,7 @@ class DataConfig:
 @dataclass
 class ModelSection:
     preset: Literal["tiny", "minvis_r50"] = "tiny"  # architecture: tiny (CPU, demo) or minvis_r50
-    weights: str | None = None  # initial weights: ResNet / Mask2Former .pkl / MinVIS .pth / svis-ray .pt
+    weights: str | None = None  # initial weights: ResNet / Mask2Former .pkl / MinVIS .pth / svis-ray .pt (path or URI)
     overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields, e.g. {num_queries: 50}
 
 
@@ -88,7 +88,7 @@ class TeacherConfig:
     mode: Literal["ema", "frozen", "online"] = "ema"  # ema: mean teacher; frozen: checkpoint; online: Sparse-MinVIS
     num_teachers: int = 1  # teacher actors in the Ray Data pool
     gpus_per_teacher: float = 1.0  # fractional values share a GPU; 0 = CPU teachers
-    checkpoint: str | None = None  # frozen mode: the fixed teacher weights
+    checkpoint: str | None = None  # frozen mode: the fixed teacher weights (path or URI)
     ema_momentum: float = 0.999  # EMA momentum of the teacher, ramped as min(momentum, 1 - 1/step)
     publish_every: int = 50  # rank 0 publishes the EMA weights every K steps
     warmup_steps: int = 0  # pseudo-labels are ignored (weight 0) before this step
@@ -144,7 +144,7 @@ class InferenceConfig:
 
 @dataclass
 class OutputConfig:
-    dir: str = "runs/debug"  # run folder: checkpoints, logs, results.json, metrics.json, best.pt
+    dir: str = "runs/debug"  # run folder (path or URI): checkpoints, logs, results.json, metrics.json, best.pt
     progress_bar: bool = False  # draw a bar in the console progress lines
 
 

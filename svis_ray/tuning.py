@@ -63,7 +63,7 @@ class SweepConfig:
     search_space: dict[str, Any] = field(default_factory=dict)  # dotted config key -> {distribution: args}
     tune: TuneSection = field(default_factory=TuneSection)  # trials, searcher and ASHA early stopping
     name: str = "sweep"  # sweep name: its folder, and the Tune experiment that a re-run resumes
-    storage_path: str = "runs/tune"  # the sweep folder is <storage_path>/<name>; a shared filesystem on clusters
+    storage_path: str = "runs/tune"  # the sweep folder is <storage_path>/<name>; shared storage or a URI on clusters
 
 
 @dataclass

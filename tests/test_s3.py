@@ -135,6 +135,35 @@ def test_frames_annotations_and_checkpoints_from_the_bucket(s3, s3_data, demo_ro
         load_checkpoint(f"s3://{BUCKET}/unit/none.pt")
 
 
+def test_predict_reads_a_checkpoint_uri_and_writes_its_outputs_to_the_bucket(s3, demo_root, tmp_path):
+    import shutil
+
+    from svis_ray.data.ytvis import YTVIS
+    from svis_ray.model import build_model, save_checkpoint
+    from svis_ray.predict import predict
+
+    split = YTVIS.load(demo_root / "val.json")
+    ckpt = f"s3://{BUCKET}/predict/model.pt"
+    save_checkpoint(ckpt, build_model("tiny", len(split.class_names)), split.class_names)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for t, name in enumerate(split.videos[0]["file_names"][:4]):
+        shutil.copy(demo_root / "JPEGImages" / name, folder / f"f{t}.jpg")
+    out = f"s3://{BUCKET}/predict/out"
+    s = predict(ckpt, folder, out, zip_results=True, min_size=96, max_size=128, log=lambda _: None)
+    assert set(s["outputs"]) == {f"{out}/results.json", f"{out}/frames.tracks.json", f"{out}/submission.zip"}
+    assert listing(out) == {"results.json", "frames.tracks.json", "submission.zip"}
+    assert io.read_json(f"{out}/frames.tracks.json")["frames"] == 4
+
+
+def test_sweep_folder_and_trial_run_folders_as_uris(tmp_path):
+    from svis_ray.tuning import best_config, load_sweep
+
+    sweep = load_sweep(ROOT / "configs" / "tune_debug.yaml", [f"storage_path=s3://{BUCKET}/tune", "name=s"])
+    assert sweep.dir == f"s3://{BUCKET}/tune/s"
+    assert best_config(sweep, {}).output.dir == f"s3://{BUCKET}/tune/s/best_run"
+
+
 # ----------------------------------------------------------------------------- training
 def train(s3, data, out, cwd, *extra):
     """``svis-ray train`` in ``cwd`` with the smallest debug settings that still evaluate, keep a
