@@ -74,6 +74,9 @@ class TrainConfig:
     num_workers: int = 1  # Ray Train workers, one student replica each (DDP)
     use_gpu: bool = False  # one GPU per train worker (NCCL); false = CPU workers (gloo)
     cpus_per_worker: float = 1.0  # logical CPUs Ray reserves per train worker
+    # A custom resource each train worker also asks 1 of: cluster.yaml's student node type
+    # advertises it (student_node), so workers land only there; empty = none (one machine)
+    node_resource: str = ""
     checkpoint_every: int = 500  # steps between checkpoints (the last step is always checkpointed)
     num_to_keep: int = 2  # checkpoints kept in the run folder, ranked by held-out AP
     max_failures: int = 3  # worker-group restarts after a lost worker or node (a user error is never retried)
@@ -93,6 +96,9 @@ class TeacherConfig:
     publish_every: int = 50  # rank 0 publishes the EMA weights every K steps
     warmup_steps: int = 0  # pseudo-labels are ignored (weight 0) before this step
     batch_size: int = 2  # clips per teacher call
+    # A custom resource each teacher actor also asks 1 of: cluster.yaml's teacher node type
+    # advertises it (teacher_node), so teachers never take a student node's GPU; empty = none
+    node_resource: str = ""
     window: int = 30  # frames per teacher forward chunk
     # Object store the training stream may fill ahead of the student: bounds memory and how far
     # fast teachers run ahead with old weights (the teacher_lag metric).

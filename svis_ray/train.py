@@ -211,17 +211,59 @@ def restore(state: TrainState, ckpt: Checkpoint | None, device: torch.device) ->
         state.ema.load_state_dict(saved["ema"])
 
 
-class EmaTeacher:
-    """The Mean Teacher: an exponential moving average of the student (rank 0 only), published to
-    the ``WeightStore`` every ``teacher.publish_every`` steps for the teacher actor pool."""
+class WeightPublisher:
+    """Rank 0's side of the ``WeightStore``: publishing never blocks the step.
 
-    def __init__(self, state: TrainState, cfg: Config, store) -> None:
+    A put is fired and left in flight (its 176 MB state dict goes to the object store while
+    training goes on); at most one call is in flight, and a publish that falls due meanwhile goes
+    out as soon as it finishes, with the weights of that later step. While no publish is due, a
+    cheap ``held()`` probe stays in flight, so a store that Ray restarted empty is noticed within
+    a step or two and gets the current weights again. ``attempt``: this worker group's start,
+    set in the store by the dataset factory."""
+
+    def __init__(self, store, attempt: int) -> None:
+        self.store, self.attempt = store, attempt
+        self.inflight: ray.ObjectRef | None = None
+        self.due = False
+        self.sent = -1  # step of the weights last handed to the store
+
+    def publish(self, ema: torch.nn.Module, step: int) -> None:
+        self.due = True
+        self.poll(ema, step)
+
+    def poll(self, ema: torch.nn.Module, step: int) -> None:
+        """Returns at once: sends what is due if nothing is in flight, else checks on the call."""
+        if self.inflight is not None:
+            ready, _ = ray.wait([self.inflight], timeout=0)
+            if not ready:
+                return
+            try:
+                held = ray.get(ready[0])
+            except ray.exceptions.RayError:  # the store died with the call in it: publish again
+                held = None
+            self.inflight = None
+            if self.sent >= 0 and held != (self.attempt, self.sent):
+                self.due = True  # the store restarted and lost the weights
+        if self.due:
+            state = {k: v.detach().to("cpu", copy=True) for k, v in ema.state_dict().items()}
+            self.inflight = self.store.put.remote(self.attempt, step, state)
+            self.sent, self.due = step, False
+        else:
+            self.inflight = self.store.held.remote()
+
+
+class EmaTeacher:
+    """The Mean Teacher: an exponential moving average of the student (rank 0 only), published
+    every ``teacher.publish_every`` steps for the teacher actor pool (``publisher``; None: kept
+    only as the run's model)."""
+
+    def __init__(self, state: TrainState, cfg: Config, publisher: WeightPublisher | None) -> None:
         if state.ema is None:
             state.ema = copy.deepcopy(state.model)
         self.ema = state.ema.eval().requires_grad_(False)
         self.momentum = cfg.teacher.ema_momentum
         self.publish_every = cfg.teacher.publish_every
-        self.store = store
+        self.publisher = publisher
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int) -> None:
@@ -235,14 +277,25 @@ class EmaTeacher:
 
     def publish(self, step: int) -> None:
         """Hand the weights to the teachers; version = the step they were taken at."""
-        if self.store is not None:
-            state = {k: v.detach().to("cpu", copy=True) for k, v in self.ema.state_dict().items()}
-            ray.get(self.store.put.remote(step, state))
+        if self.publisher is not None:
+            self.publisher.publish(self.ema, step)
 
     def after_step(self, model: torch.nn.Module, step: int) -> None:
         self.update(model, step)
         if step % self.publish_every == 0:
             self.publish(step)
+        elif self.publisher is not None:
+            self.publisher.poll(self.ema, step)
+
+
+def connect_publisher(loop_config: dict[str, Any]) -> WeightPublisher:
+    """Rank 0's publisher for the store named in ``loop_config``, under the attempt the dataset
+    factory has just set there (Train calls the factory before it starts the train function)."""
+    store = ray.get_actor(loop_config["store_name"], namespace=loop_config["namespace"])
+    attempt = ray.get(store.current_attempt.remote())
+    if attempt is None:  # the store restarted between the factory and now: restart the worker group
+        raise RuntimeError(f"weight store {loop_config['store_name']} lost this attempt's id; restarting")
+    return WeightPublisher(store, attempt)
 
 
 def pseudo_weights(targets: list[dict], step: int, cfg: Config, device: torch.device) -> float:
@@ -386,8 +439,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         state.ema = None  # only rank 0 evaluates, checkpoints and publishes the teacher
     teacher = None
     if state.ema is not None or (rank == 0 and cfg.teacher.mode == "ema"):
-        store = ray.get_actor(store_name, namespace=loop_config["namespace"]) if store_name else None
-        teacher = EmaTeacher(state, cfg, store if cfg.teacher.mode == "ema" else None)
+        publish = rank == 0 and store_name and cfg.teacher.mode == "ema"
+        teacher = EmaTeacher(state, cfg, connect_publisher(loop_config) if publish else None)
         teacher.publish(state.step)  # teachers wait for this first version
     student = ray.train.torch.prepare_model(state.model, move_to_device=device)
     reporter = Reporter(cfg, rank, class_names)
@@ -497,6 +550,12 @@ def make_dataset_factory(cfg: Config, world_size: int, num_classes: int, store_n
     store_dir = os.path.join(out_dir, "pseudo_labels") if cfg.pseudo.store == "parquet" else None
 
     def factory():
+        # A new attempt of the worker group (first start or restart): the store drops the weights
+        # of the previous attempt's trajectory before any teacher or train worker of this one runs.
+        attempt = None
+        if store_name and cfg.teacher.mode == "ema":
+            attempt = time.time_ns()
+            ray.get(ray.get_actor(store_name, namespace=namespace).reset.remote(attempt))
         train = load_split(cfg.data.root, cfg.data.train_json)
         per_step = world_size * cfg.data.clips_per_step
         first = _read_progress(out_dir) * per_step
@@ -512,8 +571,9 @@ def make_dataset_factory(cfg: Config, world_size: int, num_classes: int, store_n
             ds = ds.map_batches(Teacher, batch_size=cfg.teacher.batch_size, batch_format="numpy",
                                 fn_constructor_kwargs={"config": cfg_dict, "num_classes": num_classes,
                                                        "store_name": store_name, "namespace": namespace,
-                                                       "store_dir": store_dir},
+                                                       "store_dir": store_dir, "attempt": attempt},
                                 num_gpus=cfg.teacher.gpus_per_teacher, num_cpus=0,
+                                resources={cfg.teacher.node_resource: 1} if cfg.teacher.node_resource else None,
                                 compute=ray.data.ActorPoolStrategy(size=cfg.teacher.num_teachers))
         return throttled(ds)
 
@@ -600,6 +660,44 @@ class SvisTorchTrainer(TorchTrainer):
         return super()._initialize_and_run_controller(**controller_init_kwargs)
 
 
+def worker_resources(cfg: Config) -> dict[str, float]:
+    """What Ray reserves for each train worker: its CPUs, 1 GPU with ``train.use_gpu``, and 1 of
+    the student role resource (``train.node_resource``) when set."""
+    resources = {"CPU": cfg.train.cpus_per_worker}
+    if cfg.train.use_gpu:
+        resources["GPU"] = 1
+    if cfg.train.node_resource:
+        resources[cfg.train.node_resource] = 1
+    return resources
+
+
+def build_trainer(cfg: Config, class_names: list[str], store_name: str | None, namespace: str | None,
+                  callbacks: list[UserCallback] | None = None) -> SvisTorchTrainer:
+    """The run's ``TorchTrainer`` (``cfg`` with absolute paths). The process-group backend is left
+    to Ray, which picks it from the workers' resources (NCCL for GPU workers, gloo for CPU ones):
+    the driver -- often a CPU-only head node -- never decides it from its own CUDA."""
+    out = run_dir(cfg)
+    world = cfg.train.num_workers
+    return SvisTorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "class_names": class_names, "store_name": store_name,
+                           "namespace": namespace},
+        scaling_config=ScalingConfig(num_workers=world, use_gpu=cfg.train.use_gpu,
+                                     resources_per_worker=worker_resources(cfg)),
+        torch_config=TorchConfig(),
+        run_config=RunConfig(
+            name=out.name, storage_path=str(out.parent),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep,
+                                               checkpoint_score_attribute="val_AP",
+                                               checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=[MetricsLogger(str(out), cfg.train.max_steps, cfg.output.progress_bar),
+                       *(callbacks or [])]),
+        datasets={"train": make_dataset_factory(cfg, world, len(class_names), store_name, namespace)},
+        dataset_config=ray.train.DataConfig(execution_options=ingest_options(cfg)),
+    )
+
+
 def run_training(cfg: Config, callbacks: list[UserCallback] | None = None) -> dict[str, Any]:
     """Train with ``cfg``; returns a summary with the run folder, best checkpoint and metrics.
 
@@ -616,7 +714,6 @@ def run_training(cfg: Config, callbacks: list[UserCallback] | None = None) -> di
         load_split(cfg.data.root, cfg.data.val_json)  # fail now, not after an hour of training
     class_names = list(train.class_names)
     log = ray_init(log_file_for(out))
-    world = cfg.train.num_workers
     store_name, store = None, None
     if cfg.teacher.mode != "online":
         # Named in the driver's namespace; the handle below keeps it alive until fit() returns.
@@ -628,27 +725,7 @@ def run_training(cfg: Config, callbacks: list[UserCallback] | None = None) -> di
     from svis_ray.config import save_config
 
     save_config(cfg, out / "config.yaml")
-    use_gpu = cfg.train.use_gpu
-    resources = {"CPU": cfg.train.cpus_per_worker}
-    if use_gpu:
-        resources["GPU"] = 1
-    trainer = SvisTorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "class_names": class_names, "store_name": store_name,
-                           "namespace": namespace},
-        scaling_config=ScalingConfig(num_workers=world, use_gpu=use_gpu, resources_per_worker=resources),
-        torch_config=TorchConfig(backend="nccl" if use_gpu and torch.cuda.is_available() else "gloo"),
-        run_config=RunConfig(
-            name=out.name, storage_path=str(out.parent),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep,
-                                               checkpoint_score_attribute="val_AP",
-                                               checkpoint_score_order="max"),
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            callbacks=[MetricsLogger(str(out), cfg.train.max_steps, cfg.output.progress_bar),
-                       *(callbacks or [])]),
-        datasets={"train": make_dataset_factory(cfg, world, len(class_names), store_name, namespace)},
-        dataset_config=ray.train.DataConfig(execution_options=ingest_options(cfg)),
-    )
+    trainer = build_trainer(cfg, class_names, store_name, namespace, callbacks)
     try:
         result = trainer.fit()
         del store
