@@ -80,7 +80,11 @@ class TrainConfig:
     checkpoint_every: int = 500  # steps between checkpoints (the last step is always checkpointed)
     num_to_keep: int = 2  # checkpoints kept in the run folder, ranked by held-out AP
     max_failures: int = 3  # worker-group restarts after a lost worker or node (a user error is never retried)
-    eval_every: int = 500  # held-out evaluation at checkpoints every K steps (rank 0); 0 = only at the end
+    # held-out evaluation at checkpoints every K steps, in a Ray task off the training workers
+    # (its val_AP is reported a few steps later); the last step is evaluated by rank 0; 0 = only at the end
+    eval_every: int = 500
+    # what that evaluation task holds (CPU, GPU, custom resources), e.g. {CPU: 4, GPU: 1} on a cluster
+    eval_resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
     log_every: int = 10  # steps between metric reports (each waits up to ~2 s for the Train controller)
     seed: int = 0  # seed of the clip schedule, augmentation and initialisation
     torch_threads: int = 0  # intra-op threads per worker on CPU; 0 = torch default

@@ -344,10 +344,70 @@ def student_step(student: torch.nn.Module, criterion, state: TrainState, images:
             else 0.0}
 
 
+def evaluate_into(model: torch.nn.Module, val, cfg: Config, step: int, d: str) -> dict[str, float]:
+    """Held-out evaluation of ``model`` (the ``val`` split) into folder ``d`` (results.json,
+    metrics.json, eval.png); returns the ``val_*`` metrics."""
+    from svis_ray.inference import evaluate_split
+
+    val_metrics, records = evaluate_split(model, val, cfg.data.root, cfg.data.min_size_test,
+                                          cfg.data.max_size_test, window=cfg.inference.window,
+                                          topk=cfg.inference.topk, tracker=cfg.inference.tracker)
+    with open(os.path.join(d, "results.json"), "w") as f:
+        json.dump(records, f)
+    with open(os.path.join(d, "metrics.json"), "w") as f:
+        json.dump({**val_metrics, "step": step, "tracker": cfg.inference.tracker}, f, indent=1)
+    write_png(os.path.join(d, EVAL_PICTURE), render_eval_picture(val, cfg.data.root, records))
+    return {f"val_{k}": v for k, v in val_metrics.items() if k != "per_category"}
+
+
+def validate_checkpoint(checkpoint: Checkpoint, config: dict[str, Any]) -> dict[str, float]:
+    """Ray Train's validation task (``train.eval_resources``): the held-out evaluation of a
+    checkpoint's model, off the training workers. Writes results.json, metrics.json and eval.png
+    into the checkpoint; the returned ``val_*`` metrics join the checkpoint's (so ``val_AP`` ranks
+    it for ``num_to_keep`` and best.pt), and rank 0 reports them at a later step (``Reporter``)."""
+    import pyarrow.fs
+
+    from svis_ray.data.ingest import load_split
+    from svis_ray.model import load_checkpoint
+
+    cfg = config_from_dict(config)
+    if cfg.train.torch_threads:
+        torch.set_num_threads(cfg.train.torch_threads)
+    device = torch.device("cuda") if torch.cuda.is_available() and ray.get_gpu_ids() else torch.device("cpu")
+    with checkpoint.as_directory() as d:
+        model, info = load_checkpoint(os.path.join(d, "model.pt"), device=device)
+    val = load_split(cfg.data.root, cfg.data.val_json)
+    with tempfile.TemporaryDirectory() as d:
+        metrics = evaluate_into(model, val, cfg, int(info["extra"]["step"]), d)
+        pyarrow.fs.copy_files(d, checkpoint.path, destination_filesystem=checkpoint.filesystem)
+    return metrics
+
+
+def validation_config(cfg: Config) -> "ray.train.v2.api.validation_config.ValidationConfig | None":
+    """The trainer's validation hook when there are periodic held-out evaluations, else None."""
+    from ray.train.v2.api.validation_config import ValidationConfig, ValidationTaskConfig
+
+    if not (cfg.data.val_json and cfg.train.eval_every > 0):
+        return None
+    r = dict(cfg.train.eval_resources)
+    remote = {"num_cpus": r.pop("CPU", 1), "num_gpus": r.pop("GPU", 0), "resources": r,
+              "max_retries": 0}  # a bad split or checkpoint is not fixed by retrying
+    return ValidationConfig(validate_checkpoint, task_config=ValidationTaskConfig(fn_kwargs={"config": cfg.to_dict()}),
+                            ray_remote_kwargs=remote)
+
+
 class Reporter:
-    """Reports to Ray Train: window means every ``train.log_every`` steps; at checkpoints rank 0
-    also evaluates the run's model on the held-out split (``train.eval_every``) and writes the
-    checkpoint (model.pt, train_state.pt, results.json, metrics.json, eval.png).
+    """Reports to Ray Train: window means every ``train.log_every`` steps (with the schedule
+    indices of the clips trained, ``clip_index``); at checkpoints rank 0 writes the checkpoint
+    (model.pt, train_state.pt).
+
+    Held-out evaluation (``train.eval_every``) is off the training barrier: the checkpoint is
+    reported with ``validation=True`` and Ray Train's validation task evaluates it
+    (``validate_checkpoint``) while all ranks keep training. Rank 0 picks the results up at a
+    later report (``val_AP`` etc. lag by at least one report; ``val_step`` says which checkpoint
+    they belong to; ``val_pictures`` names the pictures for TensorBoard). The last step is
+    evaluated in place, after the earlier evaluations finished, so the run's last report carries
+    its final held-out AP (nothing is left to train then).
 
     Every rank calls ``ray.train.report`` at the same steps (it is a barrier)."""
 
@@ -358,10 +418,14 @@ class Reporter:
         self.val = load_split(cfg.data.root, cfg.data.val_json) if rank == 0 and cfg.data.val_json else None
         self.window = _Window()
         self.last: dict[str, Any] = {}
+        self.clips: list[int] = []  # schedule indices of the clips trained since the last report
+        self.pending = 0  # checkpoints handed to the validation task whose results rank 0 has not seen
+        self.seen: set[str] = set()
 
     def add(self, metrics: dict[str, float], frames: int, step_start: float, step: int,
             stats: dict[str, Any]) -> None:
         self.window.add(metrics, frames=frames)
+        self.clips += stats.get("clip_index", [])
         self.last.update(step=step, time=time.time(), step_start=step_start,
                          teacher_time_max=stats.get("teacher_time_max", float("nan")),
                          teacher_time_min=stats.get("teacher_time_min", float("nan")))
@@ -371,33 +435,51 @@ class Reporter:
         do_ckpt = step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps
         if not (do_ckpt or step % cfg.train.log_every == 0):
             return
-        metrics = {**self.window.means(), **self.last, "val_AP": state.best_ap}
-        self.window = _Window()
-        if not do_ckpt or self.rank != 0:
+        metrics = {**self.window.means(), **self.last, "val_AP": state.best_ap, "clip_index": self.clips}
+        self.window, self.clips = _Window(), []
+        if self.rank != 0:
+            ray.train.report(metrics)
+            return
+        final = step == cfg.train.max_steps
+        evaluate = self.val is not None and (final or (cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0))
+        metrics.update(self.validated(state, wait=final and evaluate))
+        if not do_ckpt:
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as d:
-            if self.val is not None and (step == cfg.train.max_steps or (
-                    cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0)):
-                metrics.update(self.evaluate(state, d))
+            if evaluate and final:
+                metrics.update(evaluate_into(state.final, self.val, cfg, step, d))
+                state.best_ap = max(state.best_ap, metrics["val_AP"])
             self.write_checkpoint(state, d, metrics["val_AP"])
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d), validation=evaluate and not final)
+        if evaluate and not final:
+            self.pending += 1
 
-    def evaluate(self, state: TrainState, d: str) -> dict[str, float]:
-        """Held-out evaluation of the run's model into checkpoint folder ``d``; returns val_* metrics."""
-        from svis_ray.inference import evaluate_split
+    def validated(self, state: TrainState, wait: bool = False) -> dict[str, Any]:
+        """The results of validation tasks finished since the last call (the latest one's val_*
+        metrics, its ``val_step``, every new picture); ``wait``: until all have finished."""
+        from ray.train import CheckpointConsistencyMode
+        from ray.train.v2.api.reported_checkpoint import ReportedCheckpointStatus as Status
 
-        cfg = self.cfg
-        val_metrics, records = evaluate_split(state.final, self.val, cfg.data.root, cfg.data.min_size_test,
-                                              cfg.data.max_size_test, window=cfg.inference.window,
-                                              topk=cfg.inference.topk, tracker=cfg.inference.tracker)
-        state.best_ap = max(state.best_ap, val_metrics["AP"])
-        with open(os.path.join(d, "results.json"), "w") as f:
-            json.dump(records, f)
-        with open(os.path.join(d, "metrics.json"), "w") as f:
-            json.dump({**val_metrics, "step": state.step, "tracker": cfg.inference.tracker}, f, indent=1)
-        write_png(os.path.join(d, EVAL_PICTURE), render_eval_picture(self.val, cfg.data.root, records))
-        return {f"val_{k}": v for k, v in val_metrics.items() if k != "per_category"}
+        if not self.pending:
+            return {}
+        reported = ray.train.get_all_reported_checkpoints(
+            consistency_mode=CheckpointConsistencyMode.VALIDATED if wait else CheckpointConsistencyMode.COMMITTED,
+            timeout_s=None if wait else 0.01)  # not waiting: what the controller knows now
+        done = sorted((r for r in reported if r.checkpoint.path not in self.seen and r.status in (
+            Status.VALIDATED, Status.VALIDATION_FAILED, Status.VALIDATION_TIMEOUT)),
+            key=lambda r: r.metrics["step"])
+        self.pending = 0 if wait else max(0, self.pending - len(done))
+        out: dict[str, Any] = {}
+        for r in done:
+            self.seen.add(r.checkpoint.path)
+            if r.status == Status.VALIDATED:
+                state.best_ap = max(state.best_ap, r.metrics["val_AP"])
+                out.update({k: v for k, v in r.metrics.items()
+                            if k.startswith("val_") and k not in ("val_step", "val_pictures")})
+                out["val_step"] = r.metrics["step"]
+                out.setdefault("val_pictures", []).append([r.metrics["step"], r.checkpoint.path])
+        return out
 
     def write_checkpoint(self, state: TrainState, d: str, val_ap: float) -> None:
         """model.pt (the run's model, what predict and best.pt use) and train_state.pt (the rest
@@ -473,6 +555,7 @@ class MetricsLogger(UserCallback):
         self.progress_bar = progress_bar
         self.fields: list[str] | None = None
         self.writer = None
+        self.filesystem = None
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         m = metrics[0]
@@ -499,7 +582,11 @@ class MetricsLogger(UserCallback):
             if k not in ("step", "time", "step_start") and not k.startswith("teacher_time"):
                 self.writer.add_scalar(k, v, int(m["step"]))
         if checkpoint is not None:
-            add_eval_picture(self.writer, checkpoint, int(m["step"]))
+            self.filesystem = checkpoint.filesystem  # the run's storage: earlier checkpoints live there too
+        for step, path in m.get("val_pictures", []):  # evaluations that finished since the last report
+            add_eval_picture(self.writer, self.filesystem, path, int(step))
+        if checkpoint is not None:
+            add_eval_picture(self.writer, checkpoint.filesystem, checkpoint.path, int(m["step"]))
         self.writer.flush()
         if checkpoint is not None:
             tmp = os.path.join(self.out_dir, PROGRESS_FILE + ".tmp")
@@ -516,11 +603,11 @@ class MetricsLogger(UserCallback):
               flush=True)
 
 
-def add_eval_picture(writer, checkpoint: Checkpoint, step: int) -> None:
-    """The evaluation's picture in ``checkpoint`` (ground truth above the predicted tracks, see
+def add_eval_picture(writer, filesystem, checkpoint_path: str, step: int) -> None:
+    """The evaluation's picture in a checkpoint (ground truth above the predicted tracks, see
     ``render_eval_picture``) -> TensorBoard image ``eval/tracks``; nothing if it has none."""
     try:  # the one file, not the whole checkpoint (which may live on object storage)
-        with checkpoint.filesystem.open_input_file(f"{checkpoint.path}/{EVAL_PICTURE}") as f:
+        with filesystem.open_input_file(f"{checkpoint_path}/{EVAL_PICTURE}") as f:
             data = f.read()
     except FileNotFoundError:
         return
@@ -695,6 +782,7 @@ def build_trainer(cfg: Config, class_names: list[str], store_name: str | None, n
                        *(callbacks or [])]),
         datasets={"train": make_dataset_factory(cfg, world, len(class_names), store_name, namespace)},
         dataset_config=ray.train.DataConfig(execution_options=ingest_options(cfg)),
+        validation_config=validation_config(cfg),
     )
 
 

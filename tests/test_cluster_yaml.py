@@ -124,8 +124,14 @@ def test_cluster_sweep_fits_at_max_workers(cluster):
     cfg, trials = sweep.base, sweep.settings.tune.max_concurrent_trials
     student, teacher = types[roles["student"]], types[roles["teacher"]]
     assert trials * cfg.train.num_workers <= student["resources"]["GPU"] * student["max_workers"]
-    assert (trials * cfg.teacher.num_teachers * cfg.teacher.gpus_per_teacher
+    evaluation = cfg.train.eval_resources  # one held-out evaluation task per trial at a time
+    assert (trials * (cfg.teacher.num_teachers * cfg.teacher.gpus_per_teacher + evaluation.get("GPU", 0))
             <= teacher["resources"]["GPU"] * teacher["max_workers"])
+    for k, v in evaluation.items():  # the evaluation task fits the node type that holds its role resource
+        if k not in ("CPU", "GPU"):
+            assert teacher["resources"].get(k, 0) >= v
+            assert trials * (cfg.teacher.num_teachers + v) <= teacher["resources"][k] * teacher["max_workers"]
+    assert evaluation.get("CPU", 0) <= teacher["resources"]["CPU"]
     assert sum(t.get("max_workers", 0) for t in types.values()) <= cluster["max_workers"]
     # trial drivers hold no CPU (the head has none) but a slot the head advertises, enough for all trials
     driver = sweep.settings.tune.driver_resources
