@@ -125,11 +125,12 @@ def scenario(data_root: str, work: str) -> dict:
     th.join(400)
 
     gcs = ray.get_runtime_context().gcs_address
+    tasks = list_tasks(address=gcs, limit=10000, detail=True)
     placement = {
         "train_workers": [a.node_id for a in _actors("RayTrainWorker")],
         "teachers": [a.node_id for a in _actors("Teacher")],
-        "decode_tasks": sorted({t.node_id for t in list_tasks(address=gcs, limit=10000, detail=True)
-                                if "decode_clip" in t.name and t.node_id}),
+        "decode_tasks": sorted({t.node_id for t in tasks if "decode_clip" in t.name and t.node_id}),
+        "task_names": sorted({t.name for t in tasks}),
         "store_restarts": max(a.num_restarts for a in _actors("WeightStore")),
     }
     summary = {
@@ -166,7 +167,7 @@ def test_roles_and_faults_on_a_simulated_cluster(demo_root, tmp_path):
     assert set(where["train_workers"]) == set(nodes["students"])
     assert len(where["train_workers"]) >= 2 * WORKERS  # the first group and the restarted one
     assert where["teachers"] and set(where["teachers"]) == {nodes["teacher"]}
-    assert where["decode_tasks"] and nodes["head"] not in where["decode_tasks"]
+    assert where["decode_tasks"] and nodes["head"] not in where["decode_tasks"], where["task_names"]
     assert where["store_restarts"] >= 1
     # the run finished every step, and every scheduled clip was trained (replays allowed)
     steps = [int(r["step"]) for r in s["rows"]]
