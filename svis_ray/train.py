@@ -435,7 +435,10 @@ class Reporter:
         do_ckpt = step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps
         if not (do_ckpt or step % cfg.train.log_every == 0):
             return
-        metrics = {**self.window.means(), **self.last, "val_AP": state.best_ap, "clip_index": self.clips}
+        # val_step: the checkpoint whose held-out evaluation this report brings; -1: none new (val_AP
+        # is then the best so far)
+        metrics = {**self.window.means(), **self.last, "val_AP": state.best_ap, "val_step": -1,
+                   "clip_index": self.clips}
         self.window, self.clips = _Window(), []
         if self.rank != 0:
             ray.train.report(metrics)
@@ -448,7 +451,7 @@ class Reporter:
             return
         with tempfile.TemporaryDirectory() as d:
             if evaluate and final:
-                metrics.update(evaluate_into(state.final, self.val, cfg, step, d))
+                metrics.update(evaluate_into(state.final, self.val, cfg, step, d), val_step=step)
                 state.best_ap = max(state.best_ap, metrics["val_AP"])
             self.write_checkpoint(state, d, metrics["val_AP"])
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d), validation=evaluate and not final)
