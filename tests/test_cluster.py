@@ -36,6 +36,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _agent_ports() -> dict[str, int]:
+    """Fixed ports for a node's agents: with none given, the raylet waits only ~15 s for the agents
+    to publish theirs, and on a loaded 2-core box their imports take longer (the node dies with
+    "Timed out waiting for file .../metrics_agent_port_...")."""
+    return {"metrics_agent_port": _free_port(), "dashboard_agent_listen_port": _free_port(),
+            "runtime_env_agent_port": _free_port(), "metrics_export_port": _free_port()}
+
+
 def _actors(cls_part: str) -> list:
     import ray
     from ray.util.state import list_actors
@@ -69,14 +77,14 @@ def scenario(data_root: str, work: str) -> dict:
     from svis_ray.config import load_config
     from svis_ray.train import run_training
 
+    store_mb = 150 * 1024**2
     head_args = {"num_cpus": 0, "include_dashboard": True, "dashboard_port": _free_port(),
-                 "dashboard_agent_listen_port": _free_port(), "gcs_server_port": _free_port(),
-                 "object_store_memory": 150 * 1024**2}
+                 "gcs_server_port": _free_port(), "object_store_memory": store_mb, **_agent_ports()}
     cluster = Cluster(initialize_head=True, head_node_args=head_args)
-    students = [cluster.add_node(num_cpus=3, resources={"student_node": 1}, object_store_memory=150 * 1024**2)
-                for _ in range(2)]
-    teacher = cluster.add_node(num_cpus=2, num_gpus=1, resources={"teacher_node": 1},
-                               object_store_memory=150 * 1024**2)
+    students = [cluster.add_node(num_cpus=3, resources={"student_node": 1}, object_store_memory=store_mb,
+                                 **_agent_ports()) for _ in range(2)]
+    teacher = cluster.add_node(num_cpus=2, num_gpus=1, resources={"teacher_node": 1}, object_store_memory=store_mb,
+                               **_agent_ports())
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -153,7 +161,7 @@ def test_roles_and_faults_on_a_simulated_cluster(demo_root, tmp_path):
     if not (demo_root / "train_1frame.json").exists():
         sparsify(str(demo_root / "train.json"), str(demo_root / "train_1frame.json"), frames_per_video=1,
                  strategy="middle", seed=0)
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_RAYLET_START_WAIT_TIME_S": "120",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     env.pop("RAY_ADDRESS", None)
     r = subprocess.run([sys.executable, __file__, str(demo_root), str(tmp_path)], capture_output=True, text=True,
