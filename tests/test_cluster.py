@@ -27,7 +27,7 @@ import pytest
 pytestmark = [pytest.mark.cluster, pytest.mark.ray]
 
 ROOT = Path(__file__).resolve().parent.parent
-MAX_STEPS, WORKERS, CLIPS_PER_STEP = 8, 2, 1
+MAX_STEPS, WORKERS, CLIPS_PER_STEP = 12, 2, 1
 
 
 def _free_port() -> int:
@@ -102,7 +102,9 @@ def scenario(data_root: str, work: str) -> dict:
         "train.checkpoint_every=2", "train.log_every=1", "train.eval_every=0", f"train.num_workers={WORKERS}",
         "train.max_failures=3", "train.milestones=[]", f"data.clips_per_step={CLIPS_PER_STEP}",
         "loss.num_points=1024", "teacher.num_teachers=1", "teacher.gpus_per_teacher=1",
-        "teacher.publish_every=2", "teacher.warmup_steps=0", "pseudo.ramp_steps=0", "pseudo.refine=none",
+        "teacher.publish_every=2", "teacher.warmup_steps=0",
+        "pseudo.ramp_steps=0", "pseudo.refine=none",
+        "teacher.max_buffer_mb=1",  # teachers stay a few clips ahead: they still run when the faults come
         "train.node_resource=student_node", "teacher.node_resource=teacher_node", "output.progress_bar=false"])
     error: list = []
 
@@ -118,8 +120,11 @@ def scenario(data_root: str, work: str) -> dict:
     progress = out / "progress.json"
     faults = {}
     # 1. a teacher actor and the weight store die once training runs
-    _wait(lambda: len(_rows(metrics_csv)) >= 1, "the first step", 240, th)
-    victim = next(a for a in _actors("Teacher") if a.state == "ALIVE")
+    def teaching() -> list:
+        return [a for a in _actors("Teacher") if a.state == "ALIVE"] if _rows(metrics_csv) else []
+
+    _wait(teaching, "the first step with a teacher at work", 240, th)
+    victim = teaching()[0]
     os.kill(victim.pid, signal.SIGKILL)
     store = next(a for a in _actors("WeightStore") if a.state == "ALIVE")
     ray.kill(ray.get_actor(store.name, namespace=store.ray_namespace), no_restart=False)
@@ -161,7 +166,8 @@ def test_roles_and_faults_on_a_simulated_cluster(demo_root, tmp_path):
     if not (demo_root / "train_1frame.json").exists():
         sparsify(str(demo_root / "train.json"), str(demo_root / "train_1frame.json"), frames_per_video=1,
                  strategy="middle", seed=0)
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_RAYLET_START_WAIT_TIME_S": "120",
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_RAYLET_START_WAIT_TIME_S": "120",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     env.pop("RAY_ADDRESS", None)
     r = subprocess.run([sys.executable, __file__, str(demo_root), str(tmp_path)], capture_output=True, text=True,
