@@ -186,6 +186,7 @@ def test_roles_and_faults_on_a_simulated_cluster(demo_root, tmp_path):
     # the run finished every step, and every scheduled clip was trained (replays allowed)
     steps = [int(r["step"]) for r in s["rows"]]
     assert s["best"] and steps[-1] == MAX_STEPS and set(steps) == set(range(1, MAX_STEPS + 1))
+    assert steps.count(1) == 1  # resumed from a checkpoint, never started over
     assert set(s["clips"]) == set(range(MAX_STEPS * WORKERS * CLIPS_PER_STEP))
     assert len(s["clips"]) >= MAX_STEPS * WORKERS * CLIPS_PER_STEP
     # teachers never labelled with weights ahead of the student (the lost trajectory's)
