@@ -74,10 +74,17 @@ class TrainConfig:
     num_workers: int = 1  # Ray Train workers, one student replica each (DDP)
     use_gpu: bool = False  # one GPU per train worker (NCCL); false = CPU workers (gloo)
     cpus_per_worker: float = 1.0  # logical CPUs Ray reserves per train worker
+    # A custom resource each train worker also asks 1 of: cluster.yaml's student node type
+    # advertises it (student_node), so workers land only there; empty = none (one machine)
+    node_resource: str = ""
     checkpoint_every: int = 500  # steps between checkpoints (the last step is always checkpointed)
     num_to_keep: int = 2  # checkpoints kept in the run folder, ranked by held-out AP
     max_failures: int = 3  # worker-group restarts after a lost worker or node (a user error is never retried)
-    eval_every: int = 500  # held-out evaluation at checkpoints every K steps (rank 0); 0 = only at the end
+    # held-out evaluation at checkpoints every K steps, in a Ray task off the training workers
+    # (its val_AP is reported a few steps later); the last step is evaluated by rank 0; 0 = only at the end
+    eval_every: int = 500
+    # what that evaluation task holds (CPU, GPU, custom resources), e.g. {CPU: 4, GPU: 1} on a cluster
+    eval_resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
     log_every: int = 10  # steps between metric reports (each waits up to ~2 s for the Train controller)
     seed: int = 0  # seed of the clip schedule, augmentation and initialisation
     torch_threads: int = 0  # intra-op threads per worker on CPU; 0 = torch default
@@ -93,6 +100,9 @@ class TeacherConfig:
     publish_every: int = 50  # rank 0 publishes the EMA weights every K steps
     warmup_steps: int = 0  # pseudo-labels are ignored (weight 0) before this step
     batch_size: int = 2  # clips per teacher call
+    # A custom resource each teacher actor also asks 1 of: cluster.yaml's teacher node type
+    # advertises it (teacher_node), so teachers never take a student node's GPU; empty = none
+    node_resource: str = ""
     window: int = 30  # frames per teacher forward chunk
     # Object store the training stream may fill ahead of the student: bounds memory and how far
     # fast teachers run ahead with old weights (the teacher_lag metric).

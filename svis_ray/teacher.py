@@ -5,8 +5,9 @@ it sits between the decode tasks and the ``TorchTrainer`` workers, so Ray Data's
 executor runs teachers and student concurrently with backpressure (no hand-made queues).
 
 Weights: in ``ema`` mode rank 0 of the student publishes an EMA of its weights every K steps to
-``WeightStore`` (a named actor holding only the latest version as an ObjectRef); teachers poll
-it between batches and reload when a newer version exists. ``frozen`` teachers load a fixed
+``WeightStore`` (a named actor holding only the latest version of the current worker-group
+attempt as an ObjectRef); teachers poll it between batches and reload when a newer version of
+their attempt exists. ``frozen`` teachers load a fixed
 checkpoint once.
 """
 from __future__ import annotations
@@ -23,27 +24,52 @@ from svis_ray.model.minvis import preprocess_frames
 from svis_ray.pseudo import clip_reliability, pseudo_label_clip, reliability_weight
 
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class WeightStore:
-    """Latest published teacher weights: (version, ObjectRef of a CPU state dict).
+    """Latest published teacher weights of the current *attempt*: (attempt, step, ObjectRef of a
+    CPU state dict).
+
+    An attempt is one start of the Train worker group: the dataset factory calls ``reset`` at every
+    (re)start, before any teacher or train worker of that attempt runs, and hands the attempt id to
+    the teachers; rank 0 publishes under it. A restart from step S thus drops the lost
+    trajectory's weights (published at steps up to S' > S): teachers accept only their attempt's
+    weights, so no clip is labelled with them and the lag metric stays >= 0.
 
     The store re-puts the weights itself so that it owns the object: a ref owned by the train
-    worker that published it would die with that worker, and a restarted run could then never
-    start its teachers (``OwnerDiedError``)."""
+    worker that published it would die with that worker (``OwnerDiedError``). If the store dies,
+    Ray restarts it empty (``attempt`` None); calls made meanwhile are retried. Rank 0 notices an
+    empty store from ``held()`` and publishes again (``WeightPublisher``); the first put restores
+    the attempt."""
 
     def __init__(self) -> None:
-        self.version = -1
+        self.attempt: int | None = None
+        self.step = -1
         self.ref: list[ray.ObjectRef] = []
 
-    def put(self, version: int, state: dict) -> None:
-        if version > self.version:
-            self.version, self.ref = version, [ray.put(state)]  # in a list: passed on as a ref
+    def reset(self, attempt: int) -> None:
+        self.attempt, self.step, self.ref = attempt, -1, []
 
-    def get(self, have: int) -> tuple[int, list[ray.ObjectRef]]:
-        return (self.version, self.ref) if self.version > have else (have, [])
+    def put(self, attempt: int, step: int, state: dict) -> tuple[int | None, int]:
+        """Keep ``state`` if it is newer than what the store holds for ``attempt``; a put from an
+        older attempt (a dead worker group's last call) is ignored. Returns ``held()``."""
+        if self.attempt is None or attempt > self.attempt:
+            self.attempt, self.step = attempt, -1  # restarted store: the put says which attempt runs
+        if attempt == self.attempt and step > self.step:
+            self.step, self.ref = step, [ray.put(state)]  # in a list: passed on as a ref
+        return self.held()
 
-    def latest_version(self) -> int:
-        return self.version
+    def get(self, attempt: int, have: int) -> tuple[int, list[ray.ObjectRef]]:
+        """(step, [ref]) when the store holds newer weights of ``attempt`` than step ``have``, else (have, [])."""
+        if attempt == self.attempt and self.step > have:
+            return self.step, self.ref
+        return have, []
+
+    def held(self) -> tuple[int | None, int]:
+        """(attempt, step) of the weights held; (None, -1) after the store restarted."""
+        return self.attempt, self.step
+
+    def current_attempt(self) -> int | None:
+        return self.attempt
 
 
 def teacher_device() -> torch.device:
@@ -75,7 +101,8 @@ class Teacher:
     """
 
     def __init__(self, config: dict[str, Any], num_classes: int, store_name: str | None,
-                 namespace: str | None = None, wait_s: float = 600.0, store_dir: str | None = None) -> None:
+                 namespace: str | None = None, wait_s: float = 600.0, store_dir: str | None = None,
+                 attempt: int | None = None) -> None:
         from svis_ray.model import build_model, load_pretrained
 
         self.cfg: Config = config_from_dict(config)
@@ -85,6 +112,7 @@ class Teacher:
         self.model = build_model(self.cfg.model.preset, num_classes, **self.cfg.model.overrides)
         self.model.to(self.device).eval()
         self.version = -1
+        self.attempt = attempt  # the worker-group start this pool serves: only its weights are used
         self.store_dir = store_dir  # pseudo.store=parquet: one Parquet file per batch, masks as RLE
         self.parts = 0
         self.store = ray.get_actor(store_name, namespace=namespace) if store_name else None
@@ -101,9 +129,12 @@ class Teacher:
     def _refresh(self) -> bool:
         if self.store is None:
             return False
-        version, ref = ray.get(self.store.get.remote(self.version))
+        version, ref = ray.get(self.store.get.remote(self.attempt, self.version))
         if ref:
-            state = ray.get(ref[0])
+            try:
+                state = ray.get(ref[0])
+            except ray.exceptions.RayError:  # the store died since (its objects with it): keep ours
+                return self.version >= 0
             self.model.load_state_dict(state)
             self.version = version
             return True

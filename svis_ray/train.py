@@ -214,17 +214,59 @@ def restore(state: TrainState, ckpt: Checkpoint | None, device: torch.device) ->
         state.ema.load_state_dict(saved["ema"])
 
 
-class EmaTeacher:
-    """The Mean Teacher: an exponential moving average of the student (rank 0 only), published to
-    the ``WeightStore`` every ``teacher.publish_every`` steps for the teacher actor pool."""
+class WeightPublisher:
+    """Rank 0's side of the ``WeightStore``: publishing never blocks the step.
 
-    def __init__(self, state: TrainState, cfg: Config, store) -> None:
+    A put is fired and left in flight (its 176 MB state dict goes to the object store while
+    training goes on); at most one call is in flight, and a publish that falls due meanwhile goes
+    out as soon as it finishes, with the weights of that later step. While no publish is due, a
+    cheap ``held()`` probe stays in flight, so a store that Ray restarted empty is noticed within
+    a step or two and gets the current weights again. ``attempt``: this worker group's start,
+    set in the store by the dataset factory."""
+
+    def __init__(self, store, attempt: int) -> None:
+        self.store, self.attempt = store, attempt
+        self.inflight: ray.ObjectRef | None = None
+        self.due = False
+        self.sent = -1  # step of the weights last handed to the store
+
+    def publish(self, ema: torch.nn.Module, step: int) -> None:
+        self.due = True
+        self.poll(ema, step)
+
+    def poll(self, ema: torch.nn.Module, step: int) -> None:
+        """Returns at once: sends what is due if nothing is in flight, else checks on the call."""
+        if self.inflight is not None:
+            ready, _ = ray.wait([self.inflight], timeout=0)
+            if not ready:
+                return
+            try:
+                held = ray.get(ready[0])
+            except ray.exceptions.RayError:  # the store died with the call in it: publish again
+                held = None
+            self.inflight = None
+            if self.sent >= 0 and held != (self.attempt, self.sent):
+                self.due = True  # the store restarted and lost the weights
+        if self.due:
+            state = {k: v.detach().to("cpu", copy=True) for k, v in ema.state_dict().items()}
+            self.inflight = self.store.put.remote(self.attempt, step, state)
+            self.sent, self.due = step, False
+        else:
+            self.inflight = self.store.held.remote()
+
+
+class EmaTeacher:
+    """The Mean Teacher: an exponential moving average of the student (rank 0 only), published
+    every ``teacher.publish_every`` steps for the teacher actor pool (``publisher``; None: kept
+    only as the run's model)."""
+
+    def __init__(self, state: TrainState, cfg: Config, publisher: WeightPublisher | None) -> None:
         if state.ema is None:
             state.ema = copy.deepcopy(state.model)
         self.ema = state.ema.eval().requires_grad_(False)
         self.momentum = cfg.teacher.ema_momentum
         self.publish_every = cfg.teacher.publish_every
-        self.store = store
+        self.publisher = publisher
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int) -> None:
@@ -238,14 +280,25 @@ class EmaTeacher:
 
     def publish(self, step: int) -> None:
         """Hand the weights to the teachers; version = the step they were taken at."""
-        if self.store is not None:
-            state = {k: v.detach().to("cpu", copy=True) for k, v in self.ema.state_dict().items()}
-            ray.get(self.store.put.remote(step, state))
+        if self.publisher is not None:
+            self.publisher.publish(self.ema, step)
 
     def after_step(self, model: torch.nn.Module, step: int) -> None:
         self.update(model, step)
         if step % self.publish_every == 0:
             self.publish(step)
+        elif self.publisher is not None:
+            self.publisher.poll(self.ema, step)
+
+
+def connect_publisher(loop_config: dict[str, Any]) -> WeightPublisher:
+    """Rank 0's publisher for the store named in ``loop_config``, under the attempt the dataset
+    factory has just set there (Train calls the factory before it starts the train function)."""
+    store = ray.get_actor(loop_config["store_name"], namespace=loop_config["namespace"])
+    attempt = ray.get(store.current_attempt.remote())
+    if attempt is None:  # the store restarted between the factory and now: restart the worker group
+        raise RuntimeError(f"weight store {loop_config['store_name']} lost this attempt's id; restarting")
+    return WeightPublisher(store, attempt)
 
 
 def pseudo_weights(targets: list[dict], step: int, cfg: Config, device: torch.device) -> float:
@@ -294,10 +347,70 @@ def student_step(student: torch.nn.Module, criterion, state: TrainState, images:
             else 0.0}
 
 
+def evaluate_into(model: torch.nn.Module, val, cfg: Config, step: int, d: str) -> dict[str, float]:
+    """Held-out evaluation of ``model`` (the ``val`` split) into folder ``d`` (results.json,
+    metrics.json, eval.png); returns the ``val_*`` metrics."""
+    from svis_ray.inference import evaluate_split
+
+    val_metrics, records = evaluate_split(model, val, cfg.data.root, cfg.data.min_size_test,
+                                          cfg.data.max_size_test, window=cfg.inference.window,
+                                          topk=cfg.inference.topk, tracker=cfg.inference.tracker)
+    with open(os.path.join(d, "results.json"), "w") as f:
+        json.dump(records, f)
+    with open(os.path.join(d, "metrics.json"), "w") as f:
+        json.dump({**val_metrics, "step": step, "tracker": cfg.inference.tracker}, f, indent=1)
+    write_png(os.path.join(d, EVAL_PICTURE), render_eval_picture(val, cfg.data.root, records))
+    return {f"val_{k}": v for k, v in val_metrics.items() if k != "per_category"}
+
+
+def validate_checkpoint(checkpoint: Checkpoint, config: dict[str, Any]) -> dict[str, float]:
+    """Ray Train's validation task (``train.eval_resources``): the held-out evaluation of a
+    checkpoint's model, off the training workers. Writes results.json, metrics.json and eval.png
+    into the checkpoint; the returned ``val_*`` metrics join the checkpoint's (so ``val_AP`` ranks
+    it for ``num_to_keep`` and best.pt), and rank 0 reports them at a later step (``Reporter``)."""
+    import pyarrow.fs
+
+    from svis_ray.data.ingest import load_split
+    from svis_ray.model import load_checkpoint
+
+    cfg = config_from_dict(config)
+    if cfg.train.torch_threads:
+        torch.set_num_threads(cfg.train.torch_threads)
+    device = torch.device("cuda") if torch.cuda.is_available() and ray.get_gpu_ids() else torch.device("cpu")
+    with checkpoint.as_directory() as d:
+        model, info = load_checkpoint(os.path.join(d, "model.pt"), device=device)
+    val = load_split(cfg.data.root, cfg.data.val_json)
+    with tempfile.TemporaryDirectory() as d:
+        metrics = evaluate_into(model, val, cfg, int(info["extra"]["step"]), d)
+        pyarrow.fs.copy_files(d, checkpoint.path, destination_filesystem=checkpoint.filesystem)
+    return metrics
+
+
+def validation_config(cfg: Config) -> "ray.train.v2.api.validation_config.ValidationConfig | None":
+    """The trainer's validation hook when there are periodic held-out evaluations, else None."""
+    from ray.train.v2.api.validation_config import ValidationConfig, ValidationTaskConfig
+
+    if not (cfg.data.val_json and cfg.train.eval_every > 0):
+        return None
+    r = dict(cfg.train.eval_resources)
+    remote = {"num_cpus": r.pop("CPU", 1), "num_gpus": r.pop("GPU", 0), "resources": r,
+              "max_retries": 0}  # a bad split or checkpoint is not fixed by retrying
+    return ValidationConfig(validate_checkpoint, task_config=ValidationTaskConfig(fn_kwargs={"config": cfg.to_dict()}),
+                            ray_remote_kwargs=remote)
+
+
 class Reporter:
-    """Reports to Ray Train: window means every ``train.log_every`` steps; at checkpoints rank 0
-    also evaluates the run's model on the held-out split (``train.eval_every``) and writes the
-    checkpoint (model.pt, train_state.pt, results.json, metrics.json, eval.png).
+    """Reports to Ray Train: window means every ``train.log_every`` steps (with the schedule
+    indices of the clips trained, ``clip_index``); at checkpoints rank 0 writes the checkpoint
+    (model.pt, train_state.pt).
+
+    Held-out evaluation (``train.eval_every``) is off the training barrier: the checkpoint is
+    reported with ``validation=True`` and Ray Train's validation task evaluates it
+    (``validate_checkpoint``) while all ranks keep training. Rank 0 picks the results up at a
+    later report (``val_AP`` etc. lag by at least one report; ``val_step`` says which checkpoint
+    they belong to; ``val_pictures`` names the pictures for TensorBoard). The last step is
+    evaluated in place, after the earlier evaluations finished, so the run's last report carries
+    its final held-out AP (nothing is left to train then).
 
     Every rank calls ``ray.train.report`` at the same steps (it is a barrier)."""
 
@@ -308,10 +421,14 @@ class Reporter:
         self.val = load_split(cfg.data.root, cfg.data.val_json) if rank == 0 and cfg.data.val_json else None
         self.window = _Window()
         self.last: dict[str, Any] = {}
+        self.clips: list[int] = []  # schedule indices of the clips trained since the last report
+        self.pending = 0  # checkpoints handed to the validation task whose results rank 0 has not seen
+        self.seen: set[str] = set()
 
     def add(self, metrics: dict[str, float], frames: int, step_start: float, step: int,
             stats: dict[str, Any]) -> None:
         self.window.add(metrics, frames=frames)
+        self.clips += stats.get("clip_index", [])
         self.last.update(step=step, time=time.time(), step_start=step_start,
                          teacher_time_max=stats.get("teacher_time_max", float("nan")),
                          teacher_time_min=stats.get("teacher_time_min", float("nan")))
@@ -321,33 +438,54 @@ class Reporter:
         do_ckpt = step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps
         if not (do_ckpt or step % cfg.train.log_every == 0):
             return
-        metrics = {**self.window.means(), **self.last, "val_AP": state.best_ap}
-        self.window = _Window()
-        if not do_ckpt or self.rank != 0:
+        # val_step: the checkpoint whose held-out evaluation this report brings; -1: none new (val_AP
+        # is then the best so far)
+        metrics = {**self.window.means(), **self.last, "val_AP": state.best_ap, "val_step": -1,
+                   "clip_index": self.clips}
+        self.window, self.clips = _Window(), []
+        if self.rank != 0:
+            ray.train.report(metrics)
+            return
+        final = step == cfg.train.max_steps
+        evaluate = self.val is not None and (final or (cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0))
+        metrics.update(self.validated(state, wait=final and evaluate))
+        if not do_ckpt:
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as d:
-            if self.val is not None and (step == cfg.train.max_steps or (
-                    cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0)):
-                metrics.update(self.evaluate(state, d))
+            if evaluate and final:
+                metrics.update(evaluate_into(state.final, self.val, cfg, step, d), val_step=step)
+                state.best_ap = max(state.best_ap, metrics["val_AP"])
             self.write_checkpoint(state, d, metrics["val_AP"])
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d), validation=evaluate and not final)
+        if evaluate and not final:
+            self.pending += 1
 
-    def evaluate(self, state: TrainState, d: str) -> dict[str, float]:
-        """Held-out evaluation of the run's model into checkpoint folder ``d``; returns val_* metrics."""
-        from svis_ray.inference import evaluate_split
+    def validated(self, state: TrainState, wait: bool = False) -> dict[str, Any]:
+        """The results of validation tasks finished since the last call (the latest one's val_*
+        metrics, its ``val_step``, every new picture); ``wait``: until all have finished."""
+        from ray.train import CheckpointConsistencyMode
+        from ray.train.v2.api.reported_checkpoint import ReportedCheckpointStatus as Status
 
-        cfg = self.cfg
-        val_metrics, records = evaluate_split(state.final, self.val, cfg.data.root, cfg.data.min_size_test,
-                                              cfg.data.max_size_test, window=cfg.inference.window,
-                                              topk=cfg.inference.topk, tracker=cfg.inference.tracker)
-        state.best_ap = max(state.best_ap, val_metrics["AP"])
-        with open(os.path.join(d, "results.json"), "w") as f:
-            json.dump(records, f)
-        with open(os.path.join(d, "metrics.json"), "w") as f:
-            json.dump({**val_metrics, "step": state.step, "tracker": cfg.inference.tracker}, f, indent=1)
-        write_png(os.path.join(d, EVAL_PICTURE), render_eval_picture(self.val, cfg.data.root, records))
-        return {f"val_{k}": v for k, v in val_metrics.items() if k != "per_category"}
+        if not self.pending:
+            return {}
+        reported = ray.train.get_all_reported_checkpoints(
+            consistency_mode=CheckpointConsistencyMode.VALIDATED if wait else CheckpointConsistencyMode.COMMITTED,
+            timeout_s=None if wait else 0.01)  # not waiting: what the controller knows now
+        done = sorted((r for r in reported if r.checkpoint.path not in self.seen and r.status in (
+            Status.VALIDATED, Status.VALIDATION_FAILED, Status.VALIDATION_TIMEOUT)),
+            key=lambda r: r.metrics["step"])
+        self.pending = 0 if wait else max(0, self.pending - len(done))
+        out: dict[str, Any] = {}
+        for r in done:
+            self.seen.add(r.checkpoint.path)
+            if r.status == Status.VALIDATED:
+                state.best_ap = max(state.best_ap, r.metrics["val_AP"])
+                out.update({k: v for k, v in r.metrics.items()
+                            if k.startswith("val_") and k not in ("val_step", "val_pictures")})
+                out["val_step"] = r.metrics["step"]
+                out.setdefault("val_pictures", []).append([r.metrics["step"], r.checkpoint.path])
+        return out
 
     def write_checkpoint(self, state: TrainState, d: str, val_ap: float) -> None:
         """model.pt (the run's model, what predict and best.pt use) and train_state.pt (the rest
@@ -389,8 +527,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         state.ema = None  # only rank 0 evaluates, checkpoints and publishes the teacher
     teacher = None
     if state.ema is not None or (rank == 0 and cfg.teacher.mode == "ema"):
-        store = ray.get_actor(store_name, namespace=loop_config["namespace"]) if store_name else None
-        teacher = EmaTeacher(state, cfg, store if cfg.teacher.mode == "ema" else None)
+        publish = rank == 0 and store_name and cfg.teacher.mode == "ema"
+        teacher = EmaTeacher(state, cfg, connect_publisher(loop_config) if publish else None)
         teacher.publish(state.step)  # teachers wait for this first version
     student = ray.train.torch.prepare_model(state.model, move_to_device=device)
     reporter = Reporter(cfg, rank, class_names)
@@ -429,6 +567,7 @@ class MetricsLogger(UserCallback):
         self.writer = None
         self.csv: svis_io.Appender | None = None
         self.tb: svis_io.MirroredDir | None = None
+        self.filesystem = None
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         m = metrics[0]
@@ -457,7 +596,11 @@ class MetricsLogger(UserCallback):
             if k not in ("step", "time", "step_start") and not k.startswith("teacher_time"):
                 self.writer.add_scalar(k, v, int(m["step"]))
         if checkpoint is not None:
-            add_eval_picture(self.writer, checkpoint, int(m["step"]))
+            self.filesystem = checkpoint.filesystem  # the run's storage: earlier checkpoints live there too
+        for step, path in m.get("val_pictures", []):  # evaluations that finished since the last report
+            add_eval_picture(self.writer, self.filesystem, path, int(step))
+        if checkpoint is not None:
+            add_eval_picture(self.writer, checkpoint.filesystem, checkpoint.path, int(m["step"]))
         self.writer.flush()
         self.tb.sync()
         if checkpoint is not None:
@@ -472,11 +615,11 @@ class MetricsLogger(UserCallback):
               flush=True)
 
 
-def add_eval_picture(writer, checkpoint: Checkpoint, step: int) -> None:
-    """The evaluation's picture in ``checkpoint`` (ground truth above the predicted tracks, see
+def add_eval_picture(writer, filesystem, checkpoint_path: str, step: int) -> None:
+    """The evaluation's picture in a checkpoint (ground truth above the predicted tracks, see
     ``render_eval_picture``) -> TensorBoard image ``eval/tracks``; nothing if it has none."""
     try:  # the one file, not the whole checkpoint (which may live on object storage)
-        with checkpoint.filesystem.open_input_file(f"{checkpoint.path}/{EVAL_PICTURE}") as f:
+        with filesystem.open_input_file(f"{checkpoint_path}/{EVAL_PICTURE}") as f:
             data = f.read()
     except FileNotFoundError:
         return
@@ -509,6 +652,12 @@ def make_dataset_factory(cfg: Config, world_size: int, num_classes: int, store_n
     store_dir = svis_io.join(out_dir, "pseudo_labels") if cfg.pseudo.store == "parquet" else None
 
     def factory():
+        # A new attempt of the worker group (first start or restart): the store drops the weights
+        # of the previous attempt's trajectory before any teacher or train worker of this one runs.
+        attempt = None
+        if store_name and cfg.teacher.mode == "ema":
+            attempt = time.time_ns()
+            ray.get(ray.get_actor(store_name, namespace=namespace).reset.remote(attempt))
         train = load_split(cfg.data.root, cfg.data.train_json)
         per_step = world_size * cfg.data.clips_per_step
         first = _read_progress(out_dir) * per_step
@@ -524,8 +673,9 @@ def make_dataset_factory(cfg: Config, world_size: int, num_classes: int, store_n
             ds = ds.map_batches(Teacher, batch_size=cfg.teacher.batch_size, batch_format="numpy",
                                 fn_constructor_kwargs={"config": cfg_dict, "num_classes": num_classes,
                                                        "store_name": store_name, "namespace": namespace,
-                                                       "store_dir": store_dir},
+                                                       "store_dir": store_dir, "attempt": attempt},
                                 num_gpus=cfg.teacher.gpus_per_teacher, num_cpus=0,
+                                resources={cfg.teacher.node_resource: 1} if cfg.teacher.node_resource else None,
                                 compute=ray.data.ActorPoolStrategy(size=cfg.teacher.num_teachers))
         return throttled(ds)
 
@@ -612,6 +762,45 @@ class SvisTorchTrainer(TorchTrainer):
         return super()._initialize_and_run_controller(**controller_init_kwargs)
 
 
+def worker_resources(cfg: Config) -> dict[str, float]:
+    """What Ray reserves for each train worker: its CPUs, 1 GPU with ``train.use_gpu``, and 1 of
+    the student role resource (``train.node_resource``) when set."""
+    resources = {"CPU": cfg.train.cpus_per_worker}
+    if cfg.train.use_gpu:
+        resources["GPU"] = 1
+    if cfg.train.node_resource:
+        resources[cfg.train.node_resource] = 1
+    return resources
+
+
+def build_trainer(cfg: Config, class_names: list[str], store_name: str | None, namespace: str | None,
+                  callbacks: list[UserCallback] | None = None) -> SvisTorchTrainer:
+    """The run's ``TorchTrainer`` (``cfg`` with absolute paths). The process-group backend is left
+    to Ray, which picks it from the workers' resources (NCCL for GPU workers, gloo for CPU ones):
+    the driver -- often a CPU-only head node -- never decides it from its own CUDA."""
+    out = run_dir(cfg)
+    world = cfg.train.num_workers
+    return SvisTorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "class_names": class_names, "store_name": store_name,
+                           "namespace": namespace},
+        scaling_config=ScalingConfig(num_workers=world, use_gpu=cfg.train.use_gpu,
+                                     resources_per_worker=worker_resources(cfg)),
+        torch_config=TorchConfig(),
+        run_config=RunConfig(
+            name=svis_io.basename(out), **storage_options(out),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep,
+                                               checkpoint_score_attribute="val_AP",
+                                               checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=[MetricsLogger(out, cfg.train.max_steps, cfg.output.progress_bar),
+                       *(callbacks or [])]),
+        datasets={"train": make_dataset_factory(cfg, world, len(class_names), store_name, namespace)},
+        dataset_config=ray.train.DataConfig(execution_options=ingest_options(cfg)),
+        validation_config=validation_config(cfg),
+    )
+
+
 def run_training(cfg: Config, callbacks: list[UserCallback] | None = None) -> dict[str, Any]:
     """Train with ``cfg``; returns a summary with the run folder, best checkpoint and metrics.
 
@@ -628,7 +817,6 @@ def run_training(cfg: Config, callbacks: list[UserCallback] | None = None) -> di
         load_split(cfg.data.root, cfg.data.val_json)  # fail now, not after an hour of training
     class_names = list(train.class_names)
     log = ray_init(log_file_for(out))
-    world = cfg.train.num_workers
     store_name, store = None, None
     if cfg.teacher.mode != "online":
         # Named in the driver's namespace; the handle below keeps it alive until fit() returns.
@@ -645,27 +833,7 @@ def run_training(cfg: Config, callbacks: list[UserCallback] | None = None) -> di
         msg = f"resuming from step {done} of {cfg.train.max_steps} ({out})"
         in_actor = ray.get_runtime_context().get_actor_id() is not None  # a Tune trial: tag it for the console
         print(console_line(msg) if in_actor else msg, flush=True)
-    use_gpu = cfg.train.use_gpu
-    resources = {"CPU": cfg.train.cpus_per_worker}
-    if use_gpu:
-        resources["GPU"] = 1
-    trainer = SvisTorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "class_names": class_names, "store_name": store_name,
-                           "namespace": namespace},
-        scaling_config=ScalingConfig(num_workers=world, use_gpu=use_gpu, resources_per_worker=resources),
-        torch_config=TorchConfig(backend="nccl" if use_gpu and torch.cuda.is_available() else "gloo"),
-        run_config=RunConfig(
-            name=svis_io.basename(out), **storage_options(out),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep,
-                                               checkpoint_score_attribute="val_AP",
-                                               checkpoint_score_order="max"),
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            callbacks=[MetricsLogger(out, cfg.train.max_steps, cfg.output.progress_bar),
-                       *(callbacks or [])]),
-        datasets={"train": make_dataset_factory(cfg, world, len(class_names), store_name, namespace)},
-        dataset_config=ray.train.DataConfig(execution_options=ingest_options(cfg)),
-    )
+    trainer = build_trainer(cfg, class_names, store_name, namespace, callbacks)
     try:
         result = trainer.fit()
         del store

@@ -33,7 +33,6 @@ from svis_ray.errors import SvisError
 
 # Sweep YAML form -> Ray Tune domain. randint bounds are both inclusive (Tune's upper is not).
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
-DRIVER_CPUS = 1.0  # what Tune reserves for a trial's driver; Train reserves its workers itself
 USER_ERROR = "user_error"  # result key: the SvisError that ended a trial, and so the sweep
 
 
@@ -55,6 +54,9 @@ class TuneSection:
     reduction_factor: float = 2.0  # ASHA keeps the best 1/reduction_factor at each rung
     max_t: int | None = None  # ASHA's last rung in steps; null: the base train.max_steps
     max_failures: int = 1  # trial restarts (each resumes its Train run from its last checkpoint)
+    # What Tune reserves for each trial's driver (it trains nothing: Train reserves the workers).
+    # On a cluster whose head advertises no CPU: {CPU: 0, driver_slot: 1}, a slot only the head has
+    driver_resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
 
 
 @dataclass
@@ -247,21 +249,29 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], output_dir: str) 
     return config_from_dict(data, source="trial")
 
 
-def trial_resources(cfg: Config) -> dict[str, float]:
-    """What one trial holds while it trains: its driver, the Train workers, the teacher actors."""
-    gpus = float(cfg.train.num_workers) if cfg.train.use_gpu else 0.0
+def trial_resources(cfg: Config, driver: dict[str, float] | None = None) -> dict[str, float]:
+    """What one trial holds while it trains: its driver (``tune.driver_resources``), the Train
+    workers, the teacher actors."""
+    from svis_ray.train import worker_resources
+
+    need = {k: float(v) for k, v in (driver if driver is not None else {"CPU": 1.0}).items()}
+    for k, v in worker_resources(cfg).items():
+        need[k] = need.get(k, 0.0) + cfg.train.num_workers * v
     if cfg.teacher.mode != "online":
-        gpus += cfg.teacher.num_teachers * cfg.teacher.gpus_per_teacher
-    return {"CPU": DRIVER_CPUS + cfg.train.num_workers * cfg.train.cpus_per_worker, "GPU": gpus}
+        need["GPU"] = need.get("GPU", 0.0) + cfg.teacher.num_teachers * cfg.teacher.gpus_per_teacher
+        if cfg.teacher.node_resource:
+            need[cfg.teacher.node_resource] = need.get(cfg.teacher.node_resource, 0.0) + cfg.teacher.num_teachers
+    return need
 
 
-def default_concurrency(cfg: Config, cluster: dict[str, float]) -> int:
+def default_concurrency(cfg: Config, cluster: dict[str, float], driver: dict[str, float] | None = None) -> int:
     """How many trials the cluster's current resources hold at once (at least 1).
 
     An autoscaling cluster reports only the nodes it has now; set ``tune.max_concurrent_trials``
     there instead.
     """
-    fits = [math.floor(cluster.get(k, 0.0) / need + 1e-9) for k, need in trial_resources(cfg).items() if need > 0]
+    fits = [math.floor(cluster.get(k, 0.0) / need + 1e-9)
+            for k, need in trial_resources(cfg, driver).items() if need > 0]
     return max(1, min(fits))
 
 
@@ -323,12 +333,13 @@ def build_tuner(sweep: Sweep):
     trainable = tune.with_resources(
         tune.with_parameters(_run_trial, base_config=absolute_paths(sweep.base).to_dict(),
                              trials_dir=svis_io.join(sweep.dir, "trials"), metric=sweep.settings.tune.metric),
-        {"cpu": DRIVER_CPUS})
+        dict(sweep.settings.tune.driver_resources))
     if tune.Tuner.can_restore(str(sweep.dir)):
         print(f"resuming the sweep in {sweep.dir}", flush=True)
         return tune.Tuner.restore(str(sweep.dir), trainable, resume_unfinished=True, resume_errored=True)
     t = sweep.settings.tune
-    concurrency = t.max_concurrent_trials or default_concurrency(sweep.base, ray.cluster_resources())
+    concurrency = t.max_concurrent_trials or default_concurrency(sweep.base, ray.cluster_resources(),
+                                                                  t.driver_resources)
     return tune.Tuner(
         trainable,
         param_space=param_space(sweep),

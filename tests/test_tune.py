@@ -163,8 +163,12 @@ def test_default_concurrency_follows_cluster_resources():
     assert default_concurrency(debug, {"CPU": 8.0, "GPU": 2.0}) == 4
     assert default_concurrency(debug, {"CPU": 1.0}) == 1  # never 0
     gpu = load_sweep(ROOT / "configs" / "tune_ytvis19_r50.yaml").base  # 8 student + 2 teacher GPUs
-    assert default_concurrency(gpu, {"CPU": 400.0, "GPU": 20.0}) == 2
-    assert default_concurrency(gpu, {"CPU": 400.0, "GPU": 19.0}) == 1
+    roles = {"student_node": 16.0, "teacher_node": 4.0}  # cluster.yaml at max_workers
+    assert default_concurrency(gpu, {"CPU": 400.0, "GPU": 20.0, **roles}) == 2
+    assert default_concurrency(gpu, {"CPU": 400.0, "GPU": 19.0, **roles}) == 1
+    assert default_concurrency(gpu, {"CPU": 400.0, "GPU": 20.0, "student_node": 8.0, "teacher_node": 4.0}) == 1
+    # drivers on the zero-CPU head: its driver slots bound the trials too
+    assert default_concurrency(gpu, {"GPU": 20.0, **roles, "driver_slot": 1.0}, {"CPU": 0.0, "driver_slot": 1.0}) == 1
 
 
 def fake_result(trial, config, steps, evals, error=None):

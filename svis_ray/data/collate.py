@@ -4,6 +4,8 @@ Kept apart from ``ingest`` so that Ray Data decode workers never import torch.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
@@ -24,10 +26,11 @@ class ClipCollate(NumpyBatchCollateFn):
     pseudo-labels, and ``video_id``/``frame`` for logging.
     """
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, list[dict], dict[str, float]]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, list[dict], dict[str, Any]]:
         has_pseudo = "ps_masks" in batch
         frames, targets = [], []
-        stats = {"bad_frames": float(np.sum(batch["bad_frames"])), "clips": float(len(batch["clip_index"]))}
+        stats = {"bad_frames": float(np.sum(batch["bad_frames"])), "clips": float(len(batch["clip_index"])),
+                 "clip_index": [int(i) for i in batch["clip_index"]]}  # which scheduled clips: resume checks
         if has_pseudo:
             stats["teacher_version_min"] = float(np.min(batch["teacher_version"]))
             stats["pseudo_candidates"] = float(np.sum(batch["ps_candidates"]))
