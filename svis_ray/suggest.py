@@ -262,8 +262,8 @@ def suggest_frames(videos_json: str | os.PathLike, frame_root: str | None, per_v
         free = v["length"] - len(given.get(v["id"], []))
         if per_video > free:
             raise SvisError(f"{src}: video {v['id']} has {v['length']} frames"
-                            + (f", {v['length'] - free} labelled already," if v["id"] in given else "")
-                            + f" fewer than --per-video {per_video}")
+                            + (f" ({v['length'] - free} labelled already)" if v["id"] in given else "")
+                            + f", fewer than --per-video {per_video}")
     start = time.perf_counter()
     videos: dict[str, dict[str, Any]] = {}
     if checkpoint is None:
