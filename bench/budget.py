@@ -216,6 +216,8 @@ def run(argv: list[str]) -> int:
     p.add_argument("--selections", default=",".join(SELECTIONS))
     p.add_argument("--two-round", action="store_true", help="also round 1 -> model suggestions -> round 2")
     p.add_argument("--family", default="shapes", choices=("shapes", "creatures"))
+    p.add_argument("--coverage-only", action="store_true",
+                   help="no training: print what each selection labels (masks per video, share of instances)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     a = p.parse_args(argv)
     command = "python bench/budget.py " + shlex.join(argv)
@@ -243,6 +245,8 @@ def _run(a: argparse.Namespace, command: str) -> int:
     if not (data / "train.json").exists():
         make_benchmark_data(str(data), a.family)
     overrides = [*size_overrides(BenchData(family=a.family), data), *a.overrides]
+    if a.coverage_only:
+        return coverage(data, [k for k in budget if k != ALL], selections, log=lambda s: None)
     fingerprint = data_fingerprint(str(data))
     prev = read_json(out / "budget.json")["runs"] if (out / "budget.json").exists() else {}
     runs: dict[str, dict] = {}
@@ -296,6 +300,27 @@ def _run(a: argparse.Namespace, command: str) -> int:
     status = check(runs)
     print(f"reproduce: {command}")
     return status
+
+
+def coverage(data: Path, budget: list[int], selections: list[str], log) -> int:
+    """Print, per K and selection, the ground-truth masks its frames label per training video and
+    the share of instances labelled on at least one frame (no training)."""
+    from svis_ray.data.sparsify import sparsify
+
+    for k in budget:
+        for selection in selections:
+            name = labelled_file(data, selection, k, log)
+            s = sparsify(data / "train.json", data / "coverage.json", frames=_frames_of(data / name))
+            print(f"K={k} {selection:<10} masks labelled per video {s['masks_kept'] / s['videos']:.3f}, "
+                  f"instances labelled {s['instances_kept'] / s['instances']:.3f}")
+    (data / "coverage.json").unlink(missing_ok=True)
+    return 0
+
+
+def _frames_of(path: Path) -> dict[int, list[int]]:
+    from svis_ray.io import read_json
+
+    return {v["id"]: v["labelled_frames"] for v in read_json(path)["videos"]}
 
 
 def _second_round(data: Path, checkpoint: str, seed: int, log) -> str:

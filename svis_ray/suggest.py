@@ -12,7 +12,7 @@ Two ways to score a video's frames, then one greedy pick of K frames per video:
   are most often all in view, so the cue must outvote it to move -- plus ``SPREAD`` x its distance
   to the nearest frame already picked (in videos), so K > 1 frames spread out. Measured against
   ``middle`` on the demo families' training videos (objects visible on the chosen frame, issue 28;
-  docs/experiments.md): shapes 2.54 vs 2.50 (2.58 at best), creatures 2.01 vs 1.78 (2.25 at best);
+  docs/experiments.md): shapes 2.53 vs 2.50 (2.58 at best), creatures 2.01 vs 1.78 (2.25 at best);
   a saturation-area cue and blob counts did worse on one family or the other.
 * **Checkpoint**: the model's own signals, computed by Ray Data batch inference (an actor pool
   of ``FrameScorer``s, as ``predict``), one video per call. Queries are aligned across frames by

@@ -77,19 +77,23 @@ def test_greedy_picks():
     assert pick_by_score(score, 1, labelled=[2])[0] == [5]
 
 
-def test_model_frame_scores_of_a_tiny_model(demo_root):
+def test_frame_scorer_scores_every_frame_of_a_video(demo_root, tmp_path, one_torch_thread):
+    """The Ray Data actor's body, in this process: a tiny checkpoint scores a video's frames."""
     import torch
 
-    from svis_ray.data.ytvis import YTVIS, decode_frame
-    from svis_ray.model import build_model
-    from svis_ray.suggest import model_frame_scores
+    from svis_ray.data.ytvis import YTVIS
+    from svis_ray.model import build_model, save_checkpoint
+    from svis_ray.suggest import FrameScorer
 
+    split = YTVIS.load(demo_root / "train.json")
     torch.manual_seed(0)
-    model = build_model("tiny", num_classes=6)
-    video = YTVIS.load(demo_root / "train.json").videos[0]
-    frames = [decode_frame(demo_root / "JPEGImages" / n) for n in video["file_names"][:4]]
-    score = model_frame_scores(model, frames, window=3)
-    assert score.shape == (4,) and np.isfinite(score).all() and (score >= 0).all()
+    save_checkpoint(tmp_path / "tiny.pt", build_model("tiny", len(split.class_names)), split.class_names)
+    scorer = FrameScorer(str(tmp_path / "tiny.pt"), split, str(demo_root), 64, 96, window=4)
+    out = scorer({"index": np.array([0]), "video_id": np.array([split.videos[0]["id"]])})
+    assert out["error"].tolist() == [""]
+    score = np.array(json.loads(out["scores"][0]))
+    assert score.shape == (split.videos[0]["length"],) and np.isfinite(score).all() and (score >= 0).all()
+    assert len(set(pick_by_score(score, 3)[0])) == 3
 
 
 def test_sparsify_frames_from_keeps_exactly_those_frames(demo_root, tmp_path, capsys):
