@@ -35,10 +35,30 @@ def cmd_check_data(a: argparse.Namespace) -> None:
 def cmd_sparsify(a: argparse.Namespace) -> None:
     from svis_ray.data.sparsify import sparsify
 
-    s = sparsify(a.input, a.output, frames_per_video=a.frames_per_video, strategy=a.strategy, seed=a.seed)
+    frames = None
+    if a.frames_from:
+        from svis_ray.suggest import load_frames
+
+        frames = {}
+        for path in a.frames_from:  # several files: their frames together (e.g. two rounds)
+            for vid, ts in load_frames(path).items():
+                frames[vid] = sorted(set(frames.get(vid, [])) | set(ts))
+    s = sparsify(a.input, a.output, frames_per_video=a.frames_per_video, strategy=a.strategy, seed=a.seed,
+                 frames=frames, frames_source=",".join(a.frames_from or []))
     print(f"{a.output}: {s['videos']} videos, {s['labelled_frames']} labelled frames "
           f"of {s['frames']}, {s['instances_kept']} instances kept of {s['instances']}, "
           f"{100 * s['mask_fraction']:.2f}% of masks kept")
+
+
+def cmd_suggest_frames(a: argparse.Namespace) -> None:
+    from svis_ray.suggest import suggest_frames
+
+    s = suggest_frames(a.videos, a.frame_root, a.per_video, a.out, checkpoint=a.checkpoint, labelled=a.labelled,
+                       num_actors=a.actors, gpus_per_actor=a.gpus_per_actor, window=a.window,
+                       min_size=a.min_size, max_size=a.max_size)
+    print(f"{a.videos}: {s['frames']} frames to label in {s['videos']} videos ({s['method']}, {s['seconds']:.1f} s)")
+    for path in s["outputs"]:
+        print(f"wrote {path}")
 
 
 def cmd_split(a: argparse.Namespace) -> None:
@@ -205,7 +225,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--strategy", choices=["middle", "random-instance", "uniform"], default="middle",
                    help="middle frame(s); random frames with an instance (Sparse-MinVIS); evenly spaced")
     s.add_argument("--seed", type=int, default=0, help="seed of random-instance")
+    s.add_argument("--frames-from", action="append", default=None, metavar="SUGGESTIONS_JSON",
+                   help="keep exactly the frames this suggest-frames file names (repeat: their union); "
+                        "overrides --strategy and --frames-per-video")
     s.set_defaults(func=cmd_sparsify)
+
+    s = add("suggest-frames", help="choose the K frames of each video to send to annotators",
+            example="svis-ray suggest-frames demo/data/train.json --frame-root demo/data --per-video 1 "
+                    "--out suggestions.json")
+    s.add_argument("videos", help="YTVIS JSON of the videos (annotations not needed)")
+    s.add_argument("--frame-root", default=None, help="dataset folder holding JPEGImages/ (default: the JSON's)")
+    s.add_argument("--per-video", type=int, default=1, help="frames to label per video")
+    s.add_argument("--out", required=True, help="suggestions JSON to write (and a .csv next to it)")
+    s.add_argument("--checkpoint", default=None,
+                   help="score frames by this model's uncertainty (Ray Data actor pool); default: model-free "
+                        "colour-cluster coverage")
+    s.add_argument("--labelled", default=None, metavar="JSON",
+                   help="frames already labelled (a suggestions file or a sparse YTVIS file): suggest others")
+    s.add_argument("--actors", type=int, default=1, help="scoring actors (with --checkpoint)")
+    s.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor, e.g. 1 or 0.5")
+    s.add_argument("--window", type=int, default=30, help="frames per model forward")
+    s.add_argument("--min-size", type=int, default=None, help="inference short side (default: training's)")
+    s.add_argument("--max-size", type=int, default=None, help="inference long-side cap (default: training's)")
+    s.set_defaults(func=cmd_suggest_frames)
 
     s = add("split", help="hold out a validation split, by video",
             example="svis-ray split demo/data/train.json --train-out train_split.json --val-out val_split.json")

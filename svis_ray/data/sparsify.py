@@ -12,6 +12,9 @@ Strategies, for a video of length L and K frames (all frames when K >= L):
   * ``random-instance``: Sparse-MinVIS's choice, K random frames among those where at least one
     instance is present (fewer if the video has fewer; none for a video without instances).
   * ``uniform``: the centres of K equal bins, floor((i + 0.5) * L / K); K = 1 gives L//2.
+  * ``suggested``: exactly the frames a ``svis-ray suggest-frames`` file names per video
+    (``frames``), as annotators labelling those frames would give; every video of the input must
+    be named, with frames inside the video.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from svis_ray.data.ytvis import YTVIS
 from svis_ray.errors import SvisError
 from svis_ray.io import atomic_path, write_json
 
-STRATEGIES = ("middle", "random-instance", "uniform")
+STRATEGIES = ("middle", "random-instance", "uniform")  # rules; "suggested" takes ``frames``
 PER_FRAME_KEYS = ("segmentations", "bboxes", "areas")
 
 
@@ -43,9 +46,34 @@ def select_frames(length: int, k: int, strategy: str, candidates: list[int],
     return [int((i + 0.5) * length / k) for i in range(k)]
 
 
+def check_frames(ds: YTVIS, frames: dict[int, list[int]], source: str) -> None:
+    """SvisError (one line, naming ``source``) unless ``frames`` names exactly ``ds``'s videos, each
+    with distinct frames inside the video."""
+    ids = {v["id"] for v in ds.videos}
+    unknown = sorted(set(frames) - ids)
+    if unknown:
+        raise SvisError(f"{source}: video id(s) {unknown[:5]}{' ...' if len(unknown) > 5 else ''} are not in "
+                        f"{ds.source} ({len(unknown)} unknown)")
+    missing = sorted(ids - set(frames))
+    if missing:
+        raise SvisError(f"{source}: names no frames for video id(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+                        f"of {ds.source} ({len(missing)} missing)")
+    for v in ds.videos:
+        ts = frames[v["id"]]
+        if len(ts) > v["length"]:
+            raise SvisError(f"{source}: video {v['id']}: {len(ts)} frames asked of a video of {v['length']}")
+        if any(t >= v["length"] for t in ts):
+            raise SvisError(f"{source}: video {v['id']}: frame {max(ts)} is past its {v['length']} frames")
+
+
 def sparsify(in_path: str | os.PathLike, out_path: str | os.PathLike, frames_per_video: int = 1,
-             strategy: str = "middle", seed: int = 0) -> dict[str, Any]:
+             strategy: str = "middle", seed: int = 0, frames: dict[int, list[int]] | None = None,
+             frames_source: str = "--frames-from") -> dict[str, Any]:
     """Write the K-labelled-frames-per-video subset of ``in_path`` to ``out_path`` (atomically).
+
+    ``frames`` (video id -> frame indices, e.g. ``suggest.load_frames``; ``frames_source`` names
+    it in errors): keep exactly those frames (strategy ``suggested``; ``frames_per_video`` is then
+    the most frames any video keeps).
 
     Deterministic for a seed: each video draws from a generator seeded by (seed, video id), so
     the choice does not depend on the order of the videos. Returns the summary
@@ -53,7 +81,9 @@ def sparsify(in_path: str | os.PathLike, out_path: str | os.PathLike, frames_per
     mask_fraction, videos_without_labels`` (an instance is kept if it is present on at least
     one labelled frame; the others are still written, all null).
     """
-    if strategy not in STRATEGIES:
+    if frames is not None:
+        strategy = "suggested"
+    elif strategy not in STRATEGIES:
         raise SvisError(f"unknown sparsify strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
     if frames_per_video < 1:
         raise SvisError(f"frames_per_video must be at least 1, got {frames_per_video}")
@@ -65,6 +95,9 @@ def sparsify(in_path: str | os.PathLike, out_path: str | os.PathLike, frames_per
     if any("labelled_frames" in v for v in ds.videos):
         raise SvisError(f"{in_path}: already a sparse subset ('labelled_frames' present); "
                         f"sparsify the fully annotated file instead")
+    if frames is not None:
+        check_frames(ds, frames, frames_source)
+        frames_per_video = max((len(ts) for ts in frames.values()), default=0)
 
     s = {"videos": len(ds.videos), "frames": 0, "labelled_frames": 0, "instances": 0, "instances_kept": 0,
          "masks": 0, "masks_kept": 0, "videos_without_labels": 0}
@@ -72,8 +105,8 @@ def sparsify(in_path: str | os.PathLike, out_path: str | os.PathLike, frames_per
     for video in ds.videos:
         anns = ds.annotations(video["id"])
         present = sorted({t for a in anns for t, seg in enumerate(a["segmentations"]) if seg is not None})
-        keep = select_frames(video["length"], frames_per_video, strategy, present,
-                             np.random.default_rng([seed, video["id"]]))
+        keep = sorted(frames[video["id"]]) if frames is not None else select_frames(
+            video["length"], frames_per_video, strategy, present, np.random.default_rng([seed, video["id"]]))
         videos.append({**video, "labelled_frames": keep})
         s["frames"] += video["length"]
         s["labelled_frames"] += len(keep)
@@ -94,6 +127,8 @@ def sparsify(in_path: str | os.PathLike, out_path: str | os.PathLike, frames_per
     out = {**ds.to_dict(), "videos": videos, "annotations": annotations}
     out["sparse"] = {"strategy": strategy, "frames_per_video": frames_per_video, "seed": seed,
                      "source": str(in_path)}
+    if frames is not None:
+        out["sparse"]["frames_from"] = frames_source
     write_json(out_path, out)
     s["mask_fraction"] = s["masks_kept"] / s["masks"] if s["masks"] else 0.0
     return s
