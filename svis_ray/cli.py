@@ -127,7 +127,8 @@ def cmd_predict(a: argparse.Namespace) -> None:
         raise SvisError(f"{a.onnx}: --onnx takes a .onnx file (made by svis-ray export)")
     s = predict(a.onnx or a.checkpoint, a.input, a.out, frame_root=a.frame_root, zip_results=a.zip, render=a.render,
                 num_actors=a.actors, gpus_per_actor=a.gpus_per_actor, min_size=a.min_size, max_size=a.max_size,
-                window=a.window, topk=a.topk, fps=a.fps, render_min_score=a.min_score, tracker=a.tracker)
+                window=a.window, topk=a.topk, fps=a.fps, render_min_score=a.min_score, tracker=a.tracker,
+                precision=a.precision, compile=a.compile)
     where = "in this process" if s["in_process"] else "on Ray"
     print(f"{s['input']}: {s['videos']} videos, {s['frames']} frames in {s['seconds']:.1f} s "
           f"({s['frames_per_s']:.1f} frames/s, {where}), {s['tracks']} tracks "
@@ -355,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the checkpoint's; minvis for an official checkpoint)")
     s.add_argument("--fps", type=float, default=None, help="frame rate of rendered frame folders (default 6)")
     s.add_argument("--min-score", type=float, default=0.3, help="tracks drawn and counted as confident")
+    s.add_argument("--precision", choices=["fp32", "tf32", "bf16", "fp16"], default="fp32",
+                   help="model numerics on a GPU (bf16: autocast, deformable sampling in fp32); the CPU runs fp32")
+    s.add_argument("--compile", action="store_true", help="torch.compile the per-frame model (minutes of warm-up)")
     s.set_defaults(func=cmd_predict)
 
     s = add("export", help="export a checkpoint's per-frame model to ONNX (for predict --onnx)",

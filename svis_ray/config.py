@@ -70,7 +70,13 @@ class TrainConfig:
     warmup_steps: int = 10  # learning-rate warm-up steps (MinVIS's warm-up factor is 1, so the rate stays flat)
     milestones: list[int] = field(default_factory=lambda: [4000])  # steps where the lr is multiplied by gamma
     gamma: float = 0.1  # learning-rate factor at each milestone
-    amp: bool = True  # mixed precision (fp16 + GradScaler); only takes effect on CUDA
+    # Numerics on CUDA (svis_ray/accel.py): fp32; tf32 = TF32 matmuls; bf16 = bf16 autocast over TF32
+    # (deformable sampling, losses and matching in fp32); fp16 = MinVIS's AMP (+ GradScaler). CPU: fp32.
+    precision: Literal["fp32", "tf32", "bf16", "fp16"] = "bf16"
+    # torch.compile the per-frame model; frames are padded to multiples of compile_size_multiple so
+    # that few shapes compile (the compiled_shapes metric counts them). Compiling takes minutes.
+    compile: bool = False
+    compile_size_multiple: int = 128  # padding multiple of a step's frames when train.compile is on (>= 32, /32)
     num_workers: int = 1  # Ray Train workers, one student replica each (DDP)
     use_gpu: bool = False  # one GPU per train worker (NCCL); false = CPU workers (gloo)
     cpus_per_worker: float = 1.0  # logical CPUs Ray reserves per train worker
@@ -103,7 +109,9 @@ class TeacherConfig:
     # A custom resource each teacher actor also asks 1 of: cluster.yaml's teacher node type
     # advertises it (teacher_node), so teachers never take a student node's GPU; empty = none
     node_resource: str = ""
-    window: int = 30  # frames per teacher forward chunk
+    window: int = 30  # frames per teacher forward chunk (the frames of all clips of a teacher call, batched)
+    precision: Literal["fp32", "tf32", "bf16", "fp16"] = "bf16"  # teacher inference numerics on CUDA (as train.precision)
+    compile: bool = False  # torch.compile the teachers' model (frames padded to multiples of 128)
     # Object store the training stream may fill ahead of the student: bounds memory and how far
     # fast teachers run ahead with old weights (the teacher_lag metric).
     max_buffer_mb: int = 1024
@@ -298,6 +306,8 @@ def check_config(cfg: Config, source: str = "config") -> Config:
     for key, value in unit.items():
         if not 0.0 <= value <= 1.0:
             raise SvisError(f"{source}: {key} must lie in [0, 1], got {value}")
+    if t.compile_size_multiple < 32 or t.compile_size_multiple % 32:
+        raise SvisError(f"{source}: train.compile_size_multiple must be a multiple of 32, got {t.compile_size_multiple}")
     if not cfg.data.min_size_train:
         raise SvisError(f"{source}: data.min_size_train must list at least one size")
     if cfg.teacher.mode == "frozen" and not cfg.teacher.checkpoint:

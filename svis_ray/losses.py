@@ -62,17 +62,24 @@ class SetCriterion(nn.Module):
         outputs: ``pred_logits`` [B, Q, K+1], ``pred_masks`` [B, Q, h, w], optional
             ``aux_outputs`` (list of dicts with the same two keys).
         targets: B dicts with ``labels`` [N], ``masks`` [N, Hpad, Wpad], optional ``weight`` (1.0)
-            and ``bg_weight`` (1.0, multiplies ``weight`` for the frame's unmatched queries).
+            and ``bg_weight`` (1.0, multiplies ``weight`` for the frame's unmatched queries), as
+            Python numbers (a tensor weight would cost a host sync per frame).
         Returns ``loss_ce``, ``loss_mask``, ``loss_dice`` and ``<name>_<i>`` per aux output i.
+
+        No host synchronisation except the matcher's one copy each way: all values stay tensors.
         """
         device = outputs["pred_logits"].device
-        frame_weights = torch.tensor([float(t.get("weight", 1.0)) for t in targets], device=device)
-        bg_weights = torch.tensor([float(t.get("bg_weight", 1.0)) for t in targets], device=device)
+        frame_weights = torch.tensor([t.get("weight", 1.0) for t in targets], dtype=torch.float32, device=device)
+        bg_weights = torch.tensor([t.get("bg_weight", 1.0) for t in targets], dtype=torch.float32, device=device)
         num_masks = self._num_masks(targets, device)
-        losses = self._layer_losses(outputs, targets, frame_weights, bg_weights, num_masks)
-        for i, aux in enumerate(outputs.get("aux_outputs", [])):
-            aux_losses = self._layer_losses(aux, targets, frame_weights, bg_weights, num_masks)
-            losses.update({f"{name}_{i}": value for name, value in aux_losses.items()})
+        layers = [outputs, *outputs.get("aux_outputs", [])]
+        labels = torch.cat([t["labels"] for t in targets]).to(device)  # all frames' targets, concatenated
+        masks = torch.cat([t["masks"] for t in targets])
+        names = [""] + [f"_{i}" for i in range(len(layers) - 1)]
+        losses = {}
+        for suffix, layer, indices in zip(names, layers, self.matcher.match(layers, targets)):
+            layer_losses = self._layer_losses(layer, labels, masks, indices, frame_weights, bg_weights, num_masks)
+            losses.update({f"{name}{suffix}": value for name, value in layer_losses.items()})
         return losses
 
     def total(self, losses: dict[str, Tensor]) -> Tensor:
@@ -81,27 +88,27 @@ class SetCriterion(nn.Module):
                    for name, value in losses.items())
 
     @staticmethod
-    def _num_masks(targets: list[dict], device: torch.device) -> float:
-        """Target masks per worker, averaged over workers so every worker uses one normaliser."""
-        num_masks = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
+    def _num_masks(targets: list[dict], device: torch.device) -> float | Tensor:
+        """Target masks per worker, averaged over workers so every worker uses one normaliser
+        (a device tensor under DDP: the all-reduce needs no host round trip)."""
+        local = float(sum(len(t["labels"]) for t in targets))
         if dist.is_available() and dist.is_initialized():
+            num_masks = torch.tensor(local, device=device)
             dist.all_reduce(num_masks)
-            num_masks /= dist.get_world_size()
-        return num_masks.clamp(min=1).item()
+            return (num_masks / dist.get_world_size()).clamp(min=1)
+        return max(local, 1.0)
 
-    def _layer_losses(self, outputs: dict, targets: list[dict], frame_weights: Tensor, bg_weights: Tensor,
-                      num_masks: float) -> dict[str, Tensor]:
-        indices = self.matcher(outputs, targets)
+    def _layer_losses(self, outputs: dict, labels: Tensor, masks: Tensor, indices: tuple[Tensor, Tensor, Tensor],
+                      frame_weights: Tensor, bg_weights: Tensor, num_masks: float | Tensor) -> dict[str, Tensor]:
+        """labels [N], masks [N, Hpad, Wpad]: every frame's targets concatenated; indices: the
+        matcher's (frame_idx, pred_idx, tgt_idx) [M] on the device."""
+        batch_idx, pred_idx, tgt_idx = indices
         logits = outputs["pred_logits"].float()  # [B, Q, K+1]
         device = logits.device
-        # Matched queries as (frame, query) index pairs, frame by frame.
-        batch_idx = torch.cat([torch.full_like(pred, b) for b, (pred, _) in enumerate(indices)])
-        batch_idx, pred_idx = batch_idx.to(device), torch.cat([p for p, _ in indices]).to(device)
 
         # Classification: matched queries take their target's class, the rest no-object.
         target_classes = torch.full(logits.shape[:2], self.num_classes, device=device)
-        target_classes[batch_idx, pred_idx] = torch.cat(
-            [t["labels"].to(device)[tgt.to(device)] for t, (_, tgt) in zip(targets, indices)])
+        target_classes[batch_idx, pred_idx] = labels[tgt_idx]
         ce = F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight,
                              reduction="none")  # [B, Q], already class-weighted
         unmatched = target_classes == self.num_classes
@@ -110,13 +117,11 @@ class SetCriterion(nn.Module):
         loss_ce = (ce * query_weights).sum() / self.empty_weight[target_classes].sum()
 
         pred_masks = outputs["pred_masks"][batch_idx, pred_idx].float()[:, None]  # [M, 1, h, w]
-        if len(pred_masks) == 0:
+        if len(pred_masks) == 0:  # a shape: known on the host
             # Keep the graph connected (DDP expects every parameter to get a gradient).
             zero = outputs["pred_masks"].float().sum() * 0.0
             return {"loss_ce": loss_ce, "loss_mask": zero, "loss_dice": zero}
-        tgt_masks = torch.cat([t["masks"][tgt.to(t["masks"].device)].to(device)
-                               for t, (_, tgt) in zip(targets, indices)])
-        tgt_masks = tgt_masks.to(pred_masks)[:, None]  # [M, 1, Hpad, Wpad]
+        tgt_masks = masks[tgt_idx.to(masks.device)].to(pred_masks)[:, None]  # [M, 1, Hpad, Wpad]
         with torch.no_grad():
             coords = sample_uncertain_points(pred_masks, self.num_points, self.oversample_ratio,
                                              self.importance_sample_ratio)

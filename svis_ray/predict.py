@@ -195,12 +195,14 @@ def _check_classes(checkpoint: Path, info: dict[str, Any], split: YTVIS) -> None
 
 
 def load_frame_model(path: str | os.PathLike, device: torch.device | str, class_names: list[str] | None = None,
-                     source: str = "the dataset") -> tuple[Callable[[torch.Tensor], dict], dict, torch.device]:
+                     source: str = "the dataset", precision: str = "fp32", compile: bool = False
+                     ) -> tuple[Callable[[torch.Tensor], dict], dict, torch.device]:
     """The per-frame model that ``track_video`` runs -> (model, info, device of its input).
 
     A ``.onnx`` file becomes a ``deploy.OnnxModel`` (onnxruntime, CUDA provider when present; its
     input stays on the CPU), anything else ``model.load_model(path, device, ...)``. info:
     ``config``, ``class_names``, ``extra`` (test sizes, tracker) from the checkpoint or the ONNX metadata.
+    ``precision``/``compile``: how a PyTorch model runs (``accel.FrameModel``; precision applies on CUDA).
     """
     if Path(path).suffix.lower() == ".onnx":
         from svis_ray.deploy import OnnxModel  # onnxruntime only where an ONNX model is run
@@ -208,6 +210,10 @@ def load_frame_model(path: str | os.PathLike, device: torch.device | str, class_
         onnx_model = OnnxModel(path)
         return onnx_model, onnx_model.info, torch.device("cpu")
     model, info = load_model(path, device, class_names, source)
+    if precision != "fp32" or compile:
+        from svis_ray.accel import FrameModel
+
+        model = FrameModel(model, precision, compile)
     return model, info, torch.device(device)
 
 
@@ -221,9 +227,9 @@ class Predictor:
     """
 
     def __init__(self, checkpoint: str, split: YTVIS, root: str, min_size: int, max_size: int,
-                 window: int, topk: int, tracker: str):
+                 window: int, topk: int, tracker: str, precision: str = "fp32", compile: bool = False):
         self.model, _, self.device = load_frame_model(checkpoint, teacher_device(), split.class_names,
-                                                      str(split.source))
+                                                      str(split.source), precision, compile)
         self.split, self.root = split, root
         self.min_size, self.max_size, self.window, self.topk = min_size, max_size, window, topk
         self.tracker = tracker
@@ -296,14 +302,15 @@ def predict(checkpoint: str | os.PathLike, input: str | os.PathLike, out_dir: st
             frame_root: str | None = None, zip_results: bool = False, render: bool = False,
             num_actors: int = 1, gpus_per_actor: float = 0.0, min_size: int | None = None,
             max_size: int | None = None, window: int = 30, topk: int = 10, fps: float | None = None,
-            render_min_score: float = 0.3, tracker: str | None = None,
-            log: Callable[[str], None] = partial(print, flush=True)) -> dict[str, Any]:
+            render_min_score: float = 0.3, tracker: str | None = None, precision: str = "fp32",
+            compile: bool = False, log: Callable[[str], None] = partial(print, flush=True)) -> dict[str, Any]:
     """Predict tracks for ``input`` (YTVIS JSON, frame folder or video file) into ``out_dir``.
 
     ``checkpoint``: an svis-ray or official checkpoint, or a ``.onnx`` export (``load_frame_model``).
     ``frame_root``: dataset folder holding ``JPEGImages/`` for a JSON (default: the JSON's folder).
     ``fps``: frame rate of rendered frame folders and splits (video files keep their own rate).
     ``tracker``: "minvis" or "svis" (``tracking.TRACKERS``); default: the checkpoint's.
+    ``precision`` (fp32 / tf32 / bf16 / fp16, on CUDA) and ``compile``: ``svis_ray.accel``.
     Prints a line per video through ``log``; returns the summary: input, videos, frames, seconds (all
     of it), predict_seconds (tracking, with actor start-up), frames_per_s (over predict_seconds),
     tracks, confident_tracks (score >= render_min_score), tracker, in_process, outputs (paths written).
@@ -318,7 +325,7 @@ def predict(checkpoint: str | os.PathLike, input: str | os.PathLike, out_dir: st
     try:
         summary = _predict(ckpt, src, Path(staging.name) if staging else Path(out_dir), frame_root, zip_results,
                            render, num_actors, gpus_per_actor, min_size, max_size, window, topk, fps,
-                           render_min_score, tracker, log)
+                           render_min_score, tracker, precision, compile, log)
         if staging:
             svis_io.copy_tree(staging.name, remote)
             summary["outputs"] = [svis_io.join(remote, os.path.relpath(p, staging.name)) for p in summary["outputs"]]
@@ -330,8 +337,8 @@ def predict(checkpoint: str | os.PathLike, input: str | os.PathLike, out_dir: st
 
 def _predict(ckpt: Path | str, src: Path, out: Path, frame_root: str | None, zip_results: bool, render: bool,
              num_actors: int, gpus_per_actor: float, min_size: int | None, max_size: int | None, window: int,
-             topk: int, fps: float | None, render_min_score: float, tracker: str | None,
-             log: Callable[[str], None]) -> dict[str, Any]:
+             topk: int, fps: float | None, render_min_score: float, tracker: str | None, precision: str,
+             compile: bool, log: Callable[[str], None]) -> dict[str, Any]:
     if not src.exists():
         raise SvisError(f"{src}: input not found")
     is_json = src.is_file() and src.suffix.lower() == ".json"
@@ -340,9 +347,9 @@ def _predict(ckpt: Path | str, src: Path, out: Path, frame_root: str | None, zip
     start = time.perf_counter()
     if is_json:
         run = _predict_split(ckpt, src, out, frame_root or str(src.parent), num_actors, gpus_per_actor,
-                             min_size, max_size, window, topk, fps, tracker, log)
+                             min_size, max_size, window, topk, fps, tracker, log, precision, compile)
     else:
-        run = _predict_clip(ckpt, src, out, min_size, max_size, window, topk, fps, tracker, log)
+        run = _predict_clip(ckpt, src, out, min_size, max_size, window, topk, fps, tracker, log, precision, compile)
     summary, records = run.summary, run.records
     outputs = summary["outputs"]
     outputs.insert(0, str(out / "results.json"))
@@ -364,7 +371,8 @@ def _predict(ckpt: Path | str, src: Path, out: Path, frame_root: str | None, zip
 
 def _predict_split(ckpt: Path, ann: Path, out: Path, root: str, num_actors: int, gpus_per_actor: float,
                    min_size: int | None, max_size: int | None, window: int, topk: int, fps: float | None,
-                   tracker: str | None, log: Callable[[str], None]) -> _Run:
+                   tracker: str | None, log: Callable[[str], None], precision: str = "fp32",
+                   compile: bool = False) -> _Run:
     from svis_ray.train import ray_init  # Ray Train is heavy; only this path needs a cluster
 
     full = YTVIS.load(ann)
@@ -382,7 +390,8 @@ def _predict_split(ckpt: Path, ann: Path, out: Path, root: str, num_actors: int,
     ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
         Predictor, fn_constructor_kwargs={"checkpoint": svis_io.absolute(ckpt), "split": split, "root": root,
                                           "min_size": short, "max_size": longest, "window": window,
-                                          "topk": topk, "tracker": tracker},
+                                          "topk": topk, "tracker": tracker, "precision": precision,
+                                          "compile": compile},
         compute=ray.data.ActorPoolStrategy(size=num_actors), batch_size=1, num_gpus=gpus_per_actor,
         num_cpus=0 if gpus_per_actor > 0 else 1)  # a GPU actor's CPU share would starve the decoders
     log(f"predict: {len(rows)} videos of {ann} on {num_actors} actor(s) at short side {short} (max {longest}), "
@@ -418,9 +427,11 @@ def _predict_split(ckpt: Path, ann: Path, out: Path, root: str, num_actors: int,
 
 
 def _predict_clip(ckpt: Path, src: Path, out: Path, min_size: int | None, max_size: int | None, window: int,
-                  topk: int, fps: float | None, tracker: str | None, log: Callable[[str], None]) -> _Run:
+                  topk: int, fps: float | None, tracker: str | None, log: Callable[[str], None],
+                  precision: str = "fp32", compile: bool = False) -> _Run:
     clip = open_clip(src, fps)  # before the checkpoint: a bad input fails at once
-    model, info, device = load_frame_model(ckpt, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    model, info, device = load_frame_model(ckpt, torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+                                           precision=precision, compile=compile)
     short, longest = _inference_size(info, min_size, max_size)
     tracker = _tracker(info, tracker)
     shape = resized_shape(clip.height, clip.width, short, longest)

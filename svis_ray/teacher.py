@@ -19,6 +19,7 @@ import numpy as np
 import ray
 import torch
 
+from svis_ray.accel import autocast, channels_last, effective_precision, maybe_compile, set_matmul_precision
 from svis_ray.config import Config, PseudoConfig, config_from_dict
 from svis_ray.model.minvis import preprocess_frames
 from svis_ray.pseudo import clip_reliability, pseudo_label_clip, reliability_weight
@@ -79,17 +80,38 @@ def teacher_device() -> torch.device:
     return torch.device("cpu")
 
 
-def forward_frames(model: torch.nn.Module, image: np.ndarray, window: int, device: torch.device
-                   ) -> dict[str, torch.Tensor]:
+def forward_frames(model: torch.nn.Module, image: np.ndarray, window: int, device: torch.device,
+                   precision: str = "fp32", size_multiple: int = 32) -> dict[str, torch.Tensor]:
     """pred_logits / pred_masks / pred_embds for uint8 frames [F,h,w,3] (F >= 1), run ``window``
-    frames at a time (``preprocess_frames``: normalised, zero-padded to /32): bounded memory on
-    long clips, and the rest of each output is dropped early."""
+    frames at a time (``preprocess_frames``: normalised, zero-padded to multiples of
+    ``size_multiple``): bounded memory on long clips, and the rest of each output is dropped early.
+    Outputs are fp32 whatever the ``precision`` (``svis_ray.accel``) of the forward."""
     window = max(1, window)
     chunks = []
     for s in range(0, len(image), window):
-        o = model(preprocess_frames(image[s:s + window], device))
-        chunks.append({k: o[k] for k in ("pred_logits", "pred_masks", "pred_embds")})
+        with autocast(precision, device):
+            o = model(preprocess_frames(image[s:s + window], device, size_multiple))
+        chunks.append({k: o[k].float() for k in ("pred_logits", "pred_masks", "pred_embds")})
     return {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
+
+
+def forward_clips(model: torch.nn.Module, images: list[np.ndarray], window: int, device: torch.device,
+                  precision: str = "fp32", size_multiple: int = 32) -> list[dict[str, torch.Tensor] | None]:
+    """``forward_frames`` for the clips of a batch (uint8 [F_c,h_c,w_c,3] each), their frames run
+    together: clips of one frame size share forward passes of up to ``window`` frames (one large
+    batch keeps a GPU busy where one clip's 3 frames do not). None for a clip without frames."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for c, image in enumerate(images):
+        if len(image):
+            groups.setdefault(tuple(image.shape[1:3]), []).append(c)
+    out: list[dict[str, torch.Tensor] | None] = [None] * len(images)
+    for clips in groups.values():
+        frames = np.concatenate([images[c] for c in clips])
+        outputs = forward_frames(model, frames, window, device, precision, size_multiple)
+        starts = np.cumsum([0] + [len(images[c]) for c in clips])
+        for c, s, e in zip(clips, starts[:-1], starts[1:]):
+            out[c] = {k: v[s:e] for k, v in outputs.items()}
+    return out
 
 
 class Teacher:
@@ -110,7 +132,12 @@ class Teacher:
             torch.set_num_threads(self.cfg.train.torch_threads)
         self.device = teacher_device()
         self.model = build_model(self.cfg.model.preset, num_classes, **self.cfg.model.overrides)
-        self.model.to(self.device).eval()
+        channels_last(self.model.to(self.device).eval(), self.device)
+        self.precision = effective_precision(self.cfg.teacher.precision, self.device)
+        set_matmul_precision(self.precision)
+        # compiled: the same module's weights (reloads reach it), inputs padded to few sizes
+        self.forward = maybe_compile(self.model, self.cfg.teacher.compile)
+        self.size_multiple = 128 if self.cfg.teacher.compile else 32
         self.version = -1
         self.attempt = attempt  # the worker-group start this pool serves: only its weights are used
         self.store_dir = store_dir  # pseudo.store=parquet: one Parquet file per batch, masks as RLE
@@ -182,10 +209,12 @@ class Teacher:
         pcfg: PseudoConfig = self.cfg.pseudo
         out: dict[str, list] = {k: [] for k in ("ps_masks", "ps_frame", "ps_labels", "ps_scores",
                                                   "ps_anchored", "ps_candidates", "ps_weight")}
+        clip_outputs = forward_clips(self.forward, list(batch["image"]), self.cfg.teacher.window, self.device,
+                                     self.precision, self.size_multiple)
         for c in range(len(batch["clip_index"])):
             image = batch["image"][c]  # [F,h,w,3]
-            f, h, w = image.shape[:3]
-            outputs = forward_frames(self.model, image, self.cfg.teacher.window, self.device) if f else None
+            h, w = image.shape[1:3]
+            outputs = clip_outputs[c]
             per_frame = [] if outputs is None else pseudo_label_clip(
                 outputs, (h, w), batch["labelled"][c], batch["gt_masks"][c], batch["gt_frame"][c],
                 batch["gt_labels"][c], pcfg, image, tracker=self.cfg.inference.tracker)

@@ -37,6 +37,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2._internal.execution.failure_handling import FailureDecision, FailurePolicy
 
 from svis_ray import io as svis_io
+from svis_ray.accel import channels_last, compiled_shapes, effective_precision, maybe_compile, set_matmul_precision
 from svis_ray.config import Config, absolute_paths, check_config, config_from_dict
 from svis_ray.console import console_line, log_file_for, route_worker_output, with_log
 from svis_ray.errors import SvisError
@@ -119,13 +120,18 @@ class _Window:
         self.t0 = time.perf_counter()
         self.start = time.time()  # wall clock, comparable with the teachers' teacher_time
 
-    def add(self, values: dict[str, float], frames: int) -> None:
+    def add(self, values: dict[str, float | torch.Tensor], frames: int) -> None:
+        """Device tensors (the step's losses) are summed on the device: no host sync per step."""
         for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            self.sums[k] = self.sums.get(k, 0.0) + (v if isinstance(v, torch.Tensor) else float(v))
         self.steps += 1
         self.frames += frames
 
     def means(self) -> dict[str, float]:
+        names = [k for k, v in self.sums.items() if isinstance(v, torch.Tensor)]
+        if names:  # one device->host copy for the whole window
+            values = torch.stack([self.sums[k].float() for k in names]).tolist()
+            self.sums.update(zip(names, values))
         out = {k: v / max(1, self.steps) for k, v in self.sums.items()}
         out["frames_per_s"] = self.frames / max(1e-9, time.perf_counter() - self.t0)
         out["window_start"] = self.start
@@ -168,13 +174,14 @@ def build_state(cfg: Config, num_classes: int, device: torch.device) -> TrainSta
     model = build_model(cfg.model.preset, num_classes, **cfg.model.overrides)
     if cfg.model.weights:
         load_pretrained(model, cfg.model.weights)
-    model.to(device)
+    channels_last(model.to(device), device)
+    set_matmul_precision(effective_precision(cfg.train.precision, device))
     optimizer = build_optimizer(model, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                                 backbone_multiplier=cfg.train.backbone_multiplier)
     scheduler = build_scheduler(optimizer, cfg.train.max_steps, warmup_steps=cfg.train.warmup_steps,
                                 milestones=tuple(cfg.train.milestones), gamma=cfg.train.gamma)
-    amp = cfg.train.amp and device.type == "cuda"
-    return TrainState(model, optimizer, scheduler, torch.amp.GradScaler("cuda") if amp else None)
+    fp16 = effective_precision(cfg.train.precision, device) == "fp16"
+    return TrainState(model, optimizer, scheduler, torch.amp.GradScaler("cuda") if fp16 else None)
 
 
 def build_criterion(cfg: Config, num_classes: int, device: torch.device):
@@ -335,12 +342,13 @@ def student_step(student: torch.nn.Module, criterion, state: TrainState, images:
         images = strong_augment(images, targets)
     x = preprocess(images.to(device), [t["size"] for t in targets])  # normalise, then zero the padding
     parts = train_step(student, criterion, state.optimizer, state.scheduler, x, targets_or_fn,
-                       scaler=state.scaler, clip_norm=cfg.train.clip_norm, amp=state.scaler is not None)
+                       scaler=state.scaler, clip_norm=cfg.train.clip_norm,
+                       precision=effective_precision(cfg.train.precision, device))
     pseudo = [t for t in targets if t["pseudo"] and "scores" in t]  # teacher- or self-labelled
     kept = sum(len(t["labels"]) for t in pseudo)
     cands = (sum(t["candidates"] for t in pseudo) if cfg.teacher.mode == "online"
              else stats.get("pseudo_candidates", 0.0))
-    return {**parts, "lambda_pseudo": lam, "pseudo_per_frame": kept / max(1, len(pseudo)),
+    return {**parts, "lambda_pseudo": lam, "compiled_shapes": compiled_shapes(student), "pseudo_per_frame": kept / max(1, len(pseudo)),
             "acceptance": kept / cands if cands else 0.0, "bad_frames": stats["bad_frames"],
             # steps the teacher's weights were behind the student when it labelled this batch
             "teacher_lag": (state.step - stats["teacher_version_min"]) if "teacher_version_min" in stats
@@ -530,11 +538,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         publish = rank == 0 and store_name and cfg.teacher.mode == "ema"
         teacher = EmaTeacher(state, cfg, connect_publisher(loop_config) if publish else None)
         teacher.publish(state.step)  # teachers wait for this first version
-    student = ray.train.torch.prepare_model(state.model, move_to_device=device)
+    # Every parameter gets a gradient (tests/test_speed.py), so DDP need not search for unused ones;
+    # gradients live in the all-reduce buckets (no copy in and out)
+    student = maybe_compile(ray.train.torch.prepare_model(
+        state.model, move_to_device=device,
+        parallel_strategy_kwargs={"gradient_as_bucket_view": True, "find_unused_parameters": False}), cfg.train.compile)
     reporter = Reporter(cfg, rank, class_names)
 
     batches = ray.train.get_dataset_shard("train").iter_torch_batches(
-        batch_size=cfg.data.clips_per_step, collate_fn=ClipCollate(), prefetch_batches=1)
+        batch_size=cfg.data.clips_per_step, prefetch_batches=1,
+        collate_fn=ClipCollate(cfg.train.compile_size_multiple if cfg.train.compile else 32))
     for images, targets, stats in batches:
         if state.step >= cfg.train.max_steps:
             break

@@ -158,10 +158,6 @@ def _check_tune(s: SweepConfig, base: Config, source: str) -> None:
     t = s.tune
     if not s.name or Path(s.name).name != s.name:
         raise SvisError(f"{source}: name: expected a folder name without '/', got {s.name!r}")
-    if "://" in s.storage_path:
-        # trials write their run folders (metrics.csv, best.pt) with plain file I/O under it
-        raise SvisError(f"{source}: storage_path: must be a local or shared-filesystem path (NFS/EFS), "
-                        f"got {s.storage_path!r}")
     if t.num_samples < 1:
         raise SvisError(f"{source}: tune.num_samples: must be >= 1, got {t.num_samples}")
     if t.max_concurrent_trials is not None and t.max_concurrent_trials < 1:

@@ -220,3 +220,48 @@ def test_target_mask_dtypes_agree(dtype):
     converted = criterion(outputs, [dict(target, masks=target["masks"].to(dtype))])
     for name in as_bool:
         torch.testing.assert_close(converted[name], as_bool[name])
+
+
+@torch.no_grad()
+def per_frame_reference(matcher: HungarianMatcher, layer: dict, targets: list[dict], coords: torch.Tensor):
+    """The matcher before batching (one cost matrix and one host copy per frame), at given points.
+    coords: [B, P, 2]."""
+    from scipy.optimize import linear_sum_assignment
+
+    from svis_ray.matcher import pairwise_dice, pairwise_sigmoid_ce
+
+    out = []
+    for b, target in enumerate(targets):
+        if len(target["labels"]) == 0:
+            out.append(([], []))
+            continue
+        probs = layer["pred_logits"][b].float().softmax(-1)
+        pred_pts = point_sample(layer["pred_masks"][b].float()[:, None], coords[b:b + 1].expand(Q, -1, -1))[:, 0]
+        tgt_masks = target["masks"].float()[:, None]
+        tgt_pts = point_sample(tgt_masks, coords[b:b + 1].expand(len(tgt_masks), -1, -1))[:, 0]
+        cost = (-matcher.cost_class * probs[:, target["labels"]]
+                + matcher.cost_mask * pairwise_sigmoid_ce(pred_pts, tgt_pts)
+                + matcher.cost_dice * pairwise_dice(pred_pts, tgt_pts))
+        p, t = linear_sum_assignment(cost.numpy())
+        out.append((p.tolist(), t.tolist()))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_batched_matcher_equals_per_frame_matcher(seed):
+    """All frames x all decoder layers in one pass give the per-frame matcher's indices."""
+    g = torch.Generator().manual_seed(seed)
+    batch, num_aux, points = 5, 3, 300
+    outputs = random_outputs(batch, num_aux=num_aux, seed=seed)
+    targets = []
+    for b in range(batch):
+        n = [0, 1, 3, Q, Q + 2][b]  # an empty frame, and more targets than queries
+        targets.append({"labels": torch.randint(0, K, (n,), generator=g),
+                        "masks": torch.rand(n, H, W, generator=g) > 0.6})
+    layers = [outputs, *outputs["aux_outputs"]]
+    coords = torch.rand(len(layers), batch, points, 2, generator=g)
+    matcher = HungarianMatcher(num_points=points)
+    offsets = [sum(len(t["labels"]) for t in targets[:b]) for b in range(batch)]
+    for layer, lc, (frame, pred, tgt) in zip(layers, coords, matcher.match(layers, targets, coords)):
+        got = [(pred[frame == b].tolist(), (tgt[frame == b] - offsets[b]).tolist()) for b in range(batch)]
+        assert got == per_frame_reference(matcher, layer, targets, lc)

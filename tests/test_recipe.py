@@ -23,7 +23,8 @@ def test_minvis_recipe_values(cfg):
     videos_per_step = t.num_workers * d.clips_per_step
     assert videos_per_step == 32  # SOLVER.IMS_PER_BATCH 32, one frame of each (SAMPLING_FRAME_NUM 1)
     assert (t.max_steps, t.milestones, t.gamma, t.warmup_steps) == (6000, [4000], 0.1, 10)
-    assert (t.lr, t.weight_decay, t.backbone_multiplier, t.clip_norm, t.amp) == (1e-4, 0.05, 0.1, 0.01, True)
+    assert (t.lr, t.weight_decay, t.backbone_multiplier, t.clip_norm) == (1e-4, 0.05, 0.1, 0.01)
+    assert t.precision == "bf16"  # MinVIS trains with AMP (fp16); bf16 is as cheap and needs no loss scaling
     assert (d.min_size_train, d.max_size_train, d.min_size_test, d.max_size_test, d.flip) == \
         ([360, 480], 1333, 360, 1333, True)
     assert (loss.class_weight, loss.mask_weight, loss.dice_weight, loss.eos_coef) == (2.0, 5.0, 5.0, 0.1)

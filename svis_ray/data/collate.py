@@ -24,7 +24,14 @@ class ClipCollate(NumpyBatchCollateFn):
     ``labels`` int64 [n], ``masks`` uint8 [n,H,W], ``pseudo`` (bool: targets come from a teacher
     or, with ``labels=None``, must be made by the student itself), ``scores``/``anchored`` for
     pseudo-labels, and ``video_id``/``frame`` for logging.
+
+    ``size_multiple``: frames (and masks) are padded to multiples of it; a compiled model
+    (``train.compile``) takes 128, so that few distinct shapes reach it.
     """
+
+    def __init__(self, size_multiple: int = 32) -> None:
+        super().__init__()
+        self.size_multiple = size_multiple
 
     def __call__(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, list[dict], dict[str, Any]]:
         has_pseudo = "ps_masks" in batch
@@ -57,7 +64,7 @@ class ClipCollate(NumpyBatchCollateFn):
                 targets[-1]["frame"] = int(batch["frame_idx"][c][f])
         if not frames:
             return torch.zeros(0, 3, 32, 32, dtype=torch.uint8), [], stats
-        hp, wp = pad_to_multiple(max(f.shape[0] for f in frames), max(f.shape[1] for f in frames))
+        hp, wp = pad_to_multiple(max(f.shape[0] for f in frames), max(f.shape[1] for f in frames), self.size_multiple)
         images = torch.zeros(len(frames), 3, hp, wp, dtype=torch.uint8)
         for i, (img, tgt) in enumerate(zip(frames, targets)):
             h, w = img.shape[:2]

@@ -88,12 +88,13 @@ def preprocess(images: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> torch.
 
 
 def preprocess_frames(frames: Sequence[np.ndarray | torch.Tensor],
-                      device: torch.device | str | None = None) -> torch.Tensor:
+                      device: torch.device | str | None = None, size_multiple: int = 32) -> torch.Tensor:
     """``preprocess`` for unpadded uint8 RGB frames [h_i,w_i,3] (sizes may differ): the batch is
-    zero-padded to the largest frame rounded up to /32, moved to ``device`` as uint8, then
+    zero-padded to the largest frame rounded up to ``size_multiple`` (a multiple of 32; a compiled
+    model takes a larger one so that few shapes reach it), moved to ``device`` as uint8, then
     normalised there. Returns float32 [B,3,H,W]."""
     sizes = [(int(f.shape[0]), int(f.shape[1])) for f in frames]
-    hp, wp = pad_to_multiple(max(h for h, _ in sizes), max(w for _, w in sizes))
+    hp, wp = pad_to_multiple(max(h for h, _ in sizes), max(w for _, w in sizes), size_multiple)
     batch = np.zeros((len(frames), 3, hp, wp), np.uint8)
     for i, (f, (h, w)) in enumerate(zip(frames, sizes)):
         batch[i, :, :h, :w] = np.asarray(f).transpose(2, 0, 1)  # a copy: Ray hands read-only arrays

@@ -100,12 +100,17 @@ class MSDeformAttn(nn.Module):
         B, Q, C = query.shape
         M, L, P = self.n_heads, self.n_levels, self.n_points
         value = self.value_proj(value).view(B, -1, M, C // M)
-        offsets = self.sampling_offsets(query).view(B, Q, M, L, P, 2)
-        weights = self.attention_weights(query).view(B, Q, M, L * P).softmax(-1).view(B, Q, M, L, P)
-        # offsets are in pixels of each level: normalise by that level's (W, H)
-        wh = level_wh(shapes).to(query)
-        locations = reference_points[:, :, None, :, None] + offsets / wh[:, None]
-        return self.output_proj(ms_deform_attn(value, shapes, locations, weights))
+        # Sampling in fp32 under autocast, as Mask2Former: offsets of a few pixels added to
+        # coordinates in [0, 1] lose too much in half precision; the projections may run in bf16.
+        with torch.autocast(query.device.type, enabled=False):
+            query = query.float()
+            offsets = self.sampling_offsets(query).view(B, Q, M, L, P, 2)
+            weights = self.attention_weights(query).view(B, Q, M, L * P).softmax(-1).view(B, Q, M, L, P)
+            # offsets are in pixels of each level: normalise by that level's (W, H)
+            wh = level_wh(shapes).to(query)
+            locations = reference_points.float()[:, :, None, :, None] + offsets / wh[:, None]
+            sampled = ms_deform_attn(value.float(), shapes, locations, weights)
+        return self.output_proj(sampled)
 
 
 class EncoderLayer(nn.Module):
@@ -200,10 +205,10 @@ class PixelDecoder(nn.Module):
     def forward(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """feats [res2, res3, res4, res5] ->
         (mask_features [B,mask_dim,H/4,W/4], [res5', res4', res3'] each [B,conv_dim,H_l,W_l])."""
-        # fp32 throughout, as Mask2Former: sampling offsets lose too much precision in fp16
-        with torch.autocast(feats[0].device.type, enabled=False):
-            feats = [f.float() for f in feats]
-            multi_scale = self.transformer([proj(f) for proj, f in zip(self.input_proj, feats[:0:-1])])
-            res2 = self.adapter_1(feats[0])
-            y = res2 + F.interpolate(multi_scale[-1], size=res2.shape[-2:], mode="bilinear", align_corners=False)
-            return self.mask_features(self.layer_1(y)), multi_scale
+        # Under autocast the convolutions and linear layers run in half precision and the
+        # deformable sampling in fp32 (MSDeformAttn.forward); GroupNorm/LayerNorm autocast to fp32.
+        multi_scale = self.transformer([proj(f) for proj, f in zip(self.input_proj, feats[:0:-1])])
+        res2 = self.adapter_1(feats[0])
+        y = res2 + F.interpolate(multi_scale[-1].to(res2.dtype), size=res2.shape[-2:], mode="bilinear",
+                                 align_corners=False)
+        return self.mask_features(self.layer_1(y)), multi_scale
