@@ -402,7 +402,10 @@ def validation_config(cfg: Config) -> "ray.train.v2.api.validation_config.Valida
         return None
     r = dict(cfg.train.eval_resources)
     remote = {"num_cpus": r.pop("CPU", 1), "num_gpus": r.pop("GPU", 0), "resources": r,
-              "max_retries": 0}  # a bad split or checkpoint is not fixed by retrying
+              "max_retries": 0,  # a bad split or checkpoint is not fixed by retrying
+              # Under Tune the controller lives in the trial's placement group, which captures child
+              # tasks: without this the task waits forever for a CPU of the trial driver's bundle
+              "scheduling_strategy": "DEFAULT"}
     return ValidationConfig(validate_checkpoint, task_config=ValidationTaskConfig(fn_kwargs={"config": cfg.to_dict()}),
                             ray_remote_kwargs=remote)
 

@@ -364,14 +364,18 @@ def summarize(results, sweep: Sweep) -> list[dict[str, Any]]:
         row.update({k: (v.item() if hasattr(v, "item") else v) for k, v in sorted(r.config.items())})
         best = None
         df = r.metrics_dataframe
-        if df is not None and metric in df and "val_AP50" in df:
-            evals = df[df["val_AP50"].notna() & df[metric].notna()]  # rows of evaluation steps
-            if len(evals):
-                best = evals.loc[evals[metric].idxmax() if mode == "max" else evals[metric].idxmin()]
+        if df is not None and metric in df:
+            # reports that bring a held-out evaluation (it lags: val_step names its checkpoint)
+            brings = df["val_step"].fillna(-1) >= 0 if "val_step" in df else df.index < 0
+            # a held-out metric counts only where an evaluation came in; a training one anywhere
+            pick = df[df[metric].notna() & (brings if metric.startswith("val_") else True)]
+            if len(pick):
+                best = pick.loc[pick[metric].idxmax() if mode == "max" else pick[metric].idxmin()]
+        evaluated = best is not None and "val_step" in best and best["val_step"] >= 0
         row["score"] = float(best[metric]) if best is not None else None
-        row["AP"] = float(best["val_AP"]) if best is not None else None
-        row["AP50"] = float(best["val_AP50"]) if best is not None else None
-        row["eval_step"] = int(best["step"]) if best is not None else None
+        row["AP"] = float(best["val_AP"]) if evaluated else None
+        row["AP50"] = float(best["val_AP50"]) if evaluated and "val_AP50" in best else None
+        row["eval_step"] = int(best["val_step"]) if evaluated else None
         row["steps"] = int(metrics.get("step", 0))
         max_steps = r.config.get("train.max_steps", sweep.base.train.max_steps)
         row["status"] = ("error" if r.error else "completed" if row["steps"] >= max_steps

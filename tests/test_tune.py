@@ -170,14 +170,17 @@ def test_default_concurrency_follows_cluster_resources():
 
 
 def fake_result(trial, config, steps, evals, error=None):
-    """A stand-in for a Tune ``Result``: ``evals`` maps step -> (AP, AP50)."""
+    """A stand-in for a Tune ``Result``: ``evals`` maps a checkpoint's step -> its (AP, AP50). As in
+    a run, an evaluation arrives one report later (``val_step`` names it), the last one in place."""
+    arrives = {(s + 2 if s < steps else s): s for s in evals}
     rows = []
     best = -1.0
     for step in range(2, steps + 1, 2):
-        row = {"step": step, "trial_id": trial, "val_AP": best}
-        if step in evals:
-            row["val_AP"], row["val_AP50"] = evals[step]
-            best = max(best, evals[step][0])
+        row = {"step": step, "trial_id": trial, "val_AP": best, "val_step": -1, "loss_dice": 1.0 / step}
+        if step in arrives:
+            row["val_step"] = arrives[step]
+            row["val_AP"], row["val_AP50"] = evals[arrives[step]]
+            best = max(best, row["val_AP"])
         rows.append(row)
     return SimpleNamespace(metrics=rows[-1], config=config, metrics_dataframe=pd.DataFrame(rows), error=error,
                            path=f"/x/{trial}")
@@ -199,6 +202,11 @@ def test_summary_ranks_by_best_evaluation_and_names_early_stops(tmp_path):
     assert rows[2]["status"] == "error" and rows[2]["AP"] is None and rows[2]["error"] == "data.json: not found"
     table = format_summary(rows, sweep)
     assert "| a | 0.5 | 30.0 | 50.0 | 8 | 12 | completed |" in table
+    # a training metric ranks on every report; AP columns only where the best report brought one
+    by_dice = summarize(results, SimpleNamespace(settings=SimpleNamespace(
+        tune=SimpleNamespace(metric="loss_dice", mode="min")), base=sweep.base))
+    assert [(r["trial"], r["score"], r["eval_step"]) for r in by_dice] == [("a", 1 / 12, 12), ("b", 0.25, 4),
+                                                                        ("c", 0.5, None)]
 
     best = best_config(sweep, {"pseudo.weight": rows[0]["pseudo.weight"]})
     path = tmp_path / "best.yaml"
