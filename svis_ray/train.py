@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -228,14 +229,38 @@ class WeightPublisher:
     training goes on); at most one call is in flight, and a publish that falls due meanwhile goes
     out as soon as it finishes, with the weights of that later step. While no publish is due, a
     cheap ``held()`` probe stays in flight, so a store that Ray restarted empty is noticed within
-    a step or two and gets the current weights again. ``attempt``: this worker group's start,
-    set in the store by the dataset factory."""
+    a step or two and gets the current weights again. Steps stop when no data comes -- the teachers
+    wait for weights a store that died before they got any no longer has -- so a watchdog thread
+    also probes every ``check_s`` seconds and puts the last published weights (kept as an object
+    ref, no second host copy) into an empty store. ``attempt``: this worker group's start, set in
+    the store by the dataset factory."""
 
-    def __init__(self, store, attempt: int) -> None:
+    def __init__(self, store, attempt: int, check_s: float = 2.0) -> None:
         self.store, self.attempt = store, attempt
         self.inflight: ray.ObjectRef | None = None
         self.due = False
         self.sent = -1  # step of the weights last handed to the store
+        self.last: tuple[int, ray.ObjectRef] | None = None  # (step, weights) of the last put
+        self._stop = threading.Event()
+        self._watch = threading.Thread(target=self._watchdog, args=(check_s,), daemon=True,
+                                       name="weight-store-watchdog")
+        self._watch.start()
+
+    def _watchdog(self, check_s: float) -> None:
+        while not self._stop.wait(check_s):
+            last = self.last
+            if last is None:
+                continue
+            try:
+                if ray.get(self.store.held.remote(), timeout=max(10.0, check_s)) == (None, -1):
+                    # restarted empty; a newer put racing this one wins in the store (step order)
+                    ray.get(self.store.put.remote(self.attempt, last[0], last[1]), timeout=300)
+            except Exception:  # restarting (the next round tries again), or gone with the run
+                if not ray.is_initialized():
+                    return
+
+    def close(self) -> None:
+        self._stop.set()
 
     def publish(self, ema: torch.nn.Module, step: int) -> None:
         self.due = True
@@ -255,9 +280,9 @@ class WeightPublisher:
             if self.sent >= 0 and held != (self.attempt, self.sent):
                 self.due = True  # the store restarted and lost the weights
         if self.due:
-            state = {k: v.detach().to("cpu", copy=True) for k, v in ema.state_dict().items()}
-            self.inflight = self.store.put.remote(self.attempt, step, state)
-            self.sent, self.due = step, False
+            state = ray.put({k: v.detach().to("cpu", copy=True) for k, v in ema.state_dict().items()})
+            self.inflight = self.store.put.remote(self.attempt, step, state)  # the store gets the dict
+            self.sent, self.due, self.last = step, False, (step, state)
         else:
             self.inflight = self.store.held.remote()
 
@@ -564,6 +589,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # 4. report, checkpoint (and evaluate)
         reporter.add(metrics, len(images), step_start, state.step, stats)
         reporter.after_step(state)
+    if teacher is not None and teacher.publisher is not None:
+        teacher.publisher.close()
 
 
 # ----------------------------------------------------------------------------- logging callback
