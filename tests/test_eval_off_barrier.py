@@ -58,7 +58,8 @@ def test_validation_hook_only_for_periodic_evaluation(tmp_path):
     hook = validation_config(periodic)
     assert hook.fn is validate_checkpoint
     assert hook.ray_remote_kwargs == {"num_cpus": 2.0, "num_gpus": 1.0, "resources": {"teacher_node": 1.0},
-                                      "max_retries": 0}
+                                      # out of a Tune trial's placement group (it would wait forever)
+                                      "max_retries": 0, "scheduling_strategy": "DEFAULT"}
     assert hook.task_config.fn_kwargs["config"]["data"]["val_json"] == "val.json"
     assert validation_config(load_config(DEBUG_CONFIG, [f"output.dir={tmp_path}"])) is None  # eval_every 0
     assert validation_config(load_config(DEBUG_CONFIG, [f"output.dir={tmp_path}", "train.eval_every=100",

