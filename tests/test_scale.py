@@ -40,9 +40,9 @@ def toy_index(n: int, length: int = 2) -> SplitIndex:
     names = pa.array(np.char.add(np.repeat(np.arange(n).astype(str), length), "/f.jpg").tolist())
     return SplitIndex(source="toy", class_names=["a"], video_id=np.arange(1, n + 1), height=full * 4, width=full * 4,
                       length=full, frame_start=np.arange(0, length * n + 1, length), file_names=names,
-                      labelled_start=np.arange(n + 1), labelled_frame=np.zeros(n, np.int64),
+                      labelled_start=np.arange(n + 1), labelled_frame=np.zeros(n, np.int32),
                       gt_start=np.zeros(n + 1, np.int64), gt_id=np.zeros(0, np.int64),
-                      gt_label=np.zeros(0, np.int64), gt_crowd=np.zeros(0, np.int64),
+                      gt_label=np.zeros(0, np.int32), gt_crowd=np.zeros(0, np.uint8),
                       gt_seg=pa.array([], pa.string()), gt_raw=np.zeros(0, bool))
 
 

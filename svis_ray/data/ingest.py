@@ -95,9 +95,8 @@ def read_bytes(path: str) -> bytes:
 def load_split(root: str, rel: str) -> YTVIS:
     """Load and validate a YTVIS annotation file under ``root`` (local or URI)."""
     path = resolve(root, rel)
-    raw = read_bytes(path)
     try:
-        data = json.loads(raw)
+        data = json.loads(read_bytes(path))  # the bytes go as soon as they are parsed
     except json.JSONDecodeError as e:
         raise SvisError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     return YTVIS(data, source=path)
@@ -113,9 +112,9 @@ class SplitIndex:
     V videos, F frames, L labelled frames, G instances on labelled frames:
       video_id, height, width, length: int64 [V]; frame_start int64 [V+1]: video v's file names
       are file_names[frame_start[v]:frame_start[v+1]] (pyarrow string array [F]);
-      labelled_start int64 [V+1] -> labelled_frame int64 [L] (sorted within a video);
+      labelled_start int64 [V+1] -> labelled_frame int32 [L] (sorted within a video);
       gt_start int64 [L+1] -> per instance, in annotation file order: gt_id int64 [G],
-      gt_label int64 [G] (class index), gt_crowd int64 [G], gt_seg (pyarrow string array [G]:
+      gt_label int32 [G] (class index), gt_crowd uint8 [G], gt_seg (pyarrow string array [G]:
       compressed RLE counts, or when gt_raw [G] the segmentation as JSON -- a polygon or an
       uncompressed RLE, converted only when a clip uses it).
     """
@@ -168,9 +167,9 @@ class SplitIndex:
             width=np.array([v["width"] for v in videos], np.int64),
             length=lengths, frame_start=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
             file_names=pa.array([n for v in videos for n in v["file_names"]], pa.string()),
-            labelled_start=np.array(starts, np.int64), labelled_frame=np.array(labelled, np.int64),
+            labelled_start=np.array(starts, np.int64), labelled_frame=np.array(labelled, np.int32),
             gt_start=np.array(gt_start, np.int64), gt_id=np.array(gt_id, np.int64),
-            gt_label=np.array(gt_label, np.int64), gt_crowd=np.array(gt_crowd, np.int64),
+            gt_label=np.array(gt_label, np.int32), gt_crowd=np.array(gt_crowd, np.uint8),
             gt_seg=pa.array(gt_seg, pa.string()), gt_raw=np.array(gt_raw, bool))
 
     @property
