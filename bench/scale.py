@@ -123,9 +123,10 @@ def child(ann: str, out: str, steps: int) -> None:
         dataset_config=ray.train.DataConfig(execution_options=ingest_options(cfg)))
     trainer.fit()
     first = json.loads(marker.read_text())
-    print(json.dumps({"ray_init_s": ready - start, "share_s": shared - ready, "first_block_s": first["time"] - ready,
-                      "clips": first["clips"], "index_bytes": split.nbytes,
-                      "driver_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}), flush=True)
+    (Path(out) / "result.json").write_text(json.dumps({  # not stdout: Ray's worker output goes there
+        "ray_init_s": ready - start, "share_s": shared - ready, "first_block_s": first["time"] - ready,
+        "clips": first["clips"], "index_bytes": split.nbytes,
+        "driver_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 
 
 # ----------------------------------------------------------------------------- the parent: sampling
@@ -178,16 +179,17 @@ def measure(ann: Path, steps: int) -> dict:
                # room for the index next to the stream (it is not in the driver's or controller's RSS)
                "SVIS_OBJECT_STORE_BYTES": str(2 * 1024**3)}
         env.pop("RAY_ADDRESS", None)
-        proc = subprocess.Popen([sys.executable, __file__, "--child", str(ann), "--out", out, "--steps", str(steps)],
-                                stdout=subprocess.PIPE, stderr=open(Path(out) / "child.log", "w"), text=True, env=env)
-        sampler = Sampler(proc.pid)
-        sampler.start()
-        stdout, _ = proc.communicate()
-        sampler.stop.set()
-        sampler.join()
-        if proc.returncode:
+        with open(Path(out) / "child.log", "w") as log:
+            proc = subprocess.Popen([sys.executable, __file__, "--child", str(ann), "--out", out, "--steps",
+                                     str(steps)], stdout=log, stderr=subprocess.STDOUT, env=env)
+            sampler = Sampler(proc.pid)
+            sampler.start()
+            proc.wait()
+            sampler.stop.set()
+            sampler.join()
+        if proc.returncode or not (Path(out) / "result.json").exists():
             sys.exit(f"child for {ann} failed ({proc.returncode}):\n" + (Path(out) / "child.log").read_text()[-4000:])
-        got = json.loads(stdout.strip().splitlines()[-1])
+        got = json.loads((Path(out) / "result.json").read_text())
     driver = max(got["driver_maxrss"], sampler.peak("driver"))
     return {**got, "driver": driver, "controller": sampler.peak("controller"), "parse": sampler.peak("parse task"),
             "head": driver + sampler.peak("controller")}

@@ -1,7 +1,8 @@
 """Semi-supervised training: a Ray Train ``TorchTrainer`` student fed by a Ray Data stream
 of clips that a teacher actor pool pseudo-labels concurrently.
 
-    driver:   parse annotations -> clip rows -> [decode tasks] -> [teacher actor pool] -> shards
+    driver:   [one-shot parse task] -> split index (object store, shared by reference)
+    stream:   clip schedule (range -> clip rows) -> [decode tasks] -> [teacher actor pool] -> shards
     workers:  train_loop_per_worker: MinVIS student (DDP), EMA teacher published to WeightStore
     controller callback: CSV + TensorBoard + console progress in the run folder
 
