@@ -683,14 +683,15 @@ def make_dataset_factory(cfg: Config, world_size: int, num_classes: int, store_n
             split = share_split(cfg.data.root, cfg.data.train_json)
         per_step = world_size * cfg.data.clips_per_step
         first = _read_progress(out_dir) * per_step
-        # One block per step: blocks stay small and arrive roughly in step order.
+        # One block per step: blocks stay small and arrive roughly in step order. The schedule's
+        # rows and their decoding fuse into one task per block (the same resources).
+        decode = {"num_cpus": cfg.data.decode_cpus, "compute": ray.data.TaskPoolStrategy(size=cfg.data.decode_tasks)}
         ds = schedule_dataset(split, cfg.data.root, num_clips(cfg, world_size), 1 + cfg.data.unlabelled_per_clip,
                               cfg.train.seed, first_clip=first, max_gap=cfg.data.unlabelled_max_gap,
-                              clips_per_block=per_step)
+                              clips_per_block=per_step, **decode)
         dcfg = DecodeConfig(tuple(cfg.data.min_size_train), cfg.data.max_size_train, cfg.data.flip,
                             cfg.data.on_bad_frame, cfg.train.seed)
-        ds = ds.map(decode_clip, fn_kwargs={"cfg": dcfg}, num_cpus=cfg.data.decode_cpus,
-                    compute=ray.data.TaskPoolStrategy(size=cfg.data.decode_tasks))
+        ds = ds.map(decode_clip, fn_kwargs={"cfg": dcfg}, **decode)
         if cfg.teacher.mode != "online":
             ds = ds.map_batches(Teacher, batch_size=cfg.teacher.batch_size, batch_format="numpy",
                                 fn_constructor_kwargs={"config": cfg_dict, "num_classes": num_classes,
