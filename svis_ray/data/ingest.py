@@ -107,7 +107,7 @@ def load_split(root: str, rel: str) -> YTVIS:
 class SplitIndex:
     """What the clip schedule reads of a YTVIS split, as flat arrays: a few bytes per frame and per
     labelled instance instead of a Python dict per annotation (bench/scale.py: a full 100k-video
-    split, 515 MB of JSON, parses to ~4.5 GB of Python objects; its index is 338 MB). Built once
+    split, 515 MB of JSON, peaks at 4.7 GB parsed; its index is 338 MB). Built once
     per run (``share_split``).
 
     V videos, F frames, L labelled frames, G instances on labelled frames:
