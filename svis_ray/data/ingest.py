@@ -368,9 +368,9 @@ def schedule_dataset(split: SharedSplit, root: str, num_clips: int, frames_per_c
 
     ``map_args`` (``num_cpus``, ``compute``) go to the range and to the rows' ``map_batches``:
     given the next stage's, Ray Data fuses range, rows and that stage into one task per block, as
-    the decode tasks were over in-memory rows. ``ray.data.range`` itself takes no resources: its
-    tasks each held a whole CPU, which starved the validation tasks of a 2-trial sweep on 8
-    logical CPUs -- hence ``read_datasource`` of Ray Data's own (internal) range source."""
+    the decode tasks were over in-memory rows. ``ray.data.range`` takes no resources, and its
+    read tasks would each hold a whole logical CPU in an operator of their own -- hence
+    ``read_datasource`` of Ray Data's own (internal) range source."""
     from ray.data._internal.datasource.range_datasource import RangeDatasource
 
     n = max(0, num_clips - first_clip)
