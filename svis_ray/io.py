@@ -360,3 +360,44 @@ class MirroredDir:
         self.sync()
         if self.remote:
             shutil.rmtree(self.local, ignore_errors=True)
+
+
+class Spool:
+    """Byte records appended to a local scratch file and read back by key: what a long job
+    produces (``predict``'s results, video by video) stays on disk instead of in memory; only
+    each record's offset and size are kept. ``close`` removes the file. Local paths only (a URI
+    output is staged in a local folder first)."""
+
+    def __init__(self, location: Location) -> None:
+        if is_uri(location):
+            raise SvisError(f"{location}: a spool file must be local")
+        self.path = _local(location)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "w+b")
+        self._spans: dict[Any, tuple[int, int]] = {}
+        self._end = 0
+
+    def append(self, key: Any, data: bytes) -> None:
+        self._file.seek(self._end)
+        self._file.write(data)
+        self._file.flush()  # on disk now (one write per record), not in the process's buffer
+        self._spans[key] = (self._end, len(data))
+        self._end += len(data)
+
+    def read(self, key: Any) -> bytes:
+        offset, size = self._spans[key]
+        self._file.seek(offset)
+        return self._file.read(size)
+
+    def keys(self) -> list[Any]:
+        return list(self._spans)
+
+    @property
+    def size(self) -> int:
+        """Bytes written so far."""
+        return self._end
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        self.path.unlink(missing_ok=True)

@@ -10,7 +10,8 @@ A YTVIS JSON (e.g. the valid/test split, no annotations needed) runs as Ray Data
 one row per video through an actor pool of ``Predictor``s, each loading the checkpoint once and
 tracking one video per call with the windowed MinVIS tracker, so a long video never sits in
 memory whole. A single frame folder or video file runs in this process. Outputs (all written
-atomically) go to ``out_dir``: ``results.json`` (YouTube-VIS / CodaLab format), optionally
+atomically) go to ``out_dir``: ``results.json`` (YouTube-VIS / CodaLab format; each video's
+records are spooled to the out folder as they arrive and assembled at the end), optionally
 ``submission.zip``, ``<name>.tracks.json`` for a folder or file, and overlay videos with ``render``.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ import re
 import tempfile
 import time
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -36,7 +37,7 @@ from svis_ray.data.ingest import read_bytes, resolve
 from svis_ray.data.transforms import resize_image, resized_shape
 from svis_ray.data.ytvis import YTVIS, decode_frame
 from svis_ray.errors import SvisError
-from svis_ray.eval import write_results
+from svis_ray.eval.results import ResultSpool
 from svis_ray.inference import video_frames
 from svis_ray import io as svis_io
 from svis_ray.io import atomic_path, write_json
@@ -280,14 +281,14 @@ def _track_list(records: list[dict[str, Any]], name_of: Callable[[int], str]) ->
 
 @dataclass
 class _Run:
-    """What one input produced: the summary so far, all results.json records, and per output name the
-    video's original frames (re-decoded for rendering) with its tracks."""
+    """What one input produced: the summary so far, and per output name the video's original
+    frames (re-decoded for rendering) and its tracks (read back from the spool when rendered).
+    The results.json records are in the ``ResultSpool`` the run wrote to."""
 
     summary: dict[str, Any]
-    records: list[dict[str, Any]]
-    videos: dict[str, tuple[Callable[[], Iterator[np.ndarray]], list[dict[str, Any]]]]
+    videos: dict[str, tuple[Callable[[], Iterator[np.ndarray]], Callable[[], list[dict[str, Any]]]]]
     fps: float
-    gt: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # per output name, when annotated
+    gt: Callable[[str], list[dict[str, Any]] | None] = lambda name: None  # per output name, when annotated
 
 
 def _write_zip(out_dir: Path, results: Path) -> Path:
@@ -345,34 +346,41 @@ def _predict(ckpt: Path | str, src: Path, out: Path, frame_root: str | None, zip
     if not (is_json or src.is_dir() or src.suffix.lower() in VIDEO_EXTS):
         raise SvisError(f"{src}: not a YTVIS JSON, a frame folder or a video file ({', '.join(VIDEO_EXTS)})")
     start = time.perf_counter()
-    if is_json:
-        run = _predict_split(ckpt, src, out, frame_root or str(src.parent), num_actors, gpus_per_actor,
-                             min_size, max_size, window, topk, fps, tracker, log, precision, compile)
-    else:
-        run = _predict_clip(ckpt, src, out, min_size, max_size, window, topk, fps, tracker, log, precision, compile)
-    summary, records = run.summary, run.records
-    outputs = summary["outputs"]
-    outputs.insert(0, str(out / "results.json"))
-    write_results(out / "results.json", records)
-    if zip_results:
-        outputs.append(str(_write_zip(out, out / "results.json")))
-    if render:
-        for name, (frames, tracks) in run.videos.items():
-            path = out / f"{name}.overlay.mp4"
-            render_video(frames(), tracks, path, run.fps, render_min_score, gt=run.gt.get(name))
-            outputs.append(str(path))
+    results = ResultSpool(out)
+    try:
+        if is_json:
+            run = _predict_split(ckpt, src, out, frame_root or str(src.parent), num_actors, gpus_per_actor,
+                                 min_size, max_size, window, topk, fps, tracker, log, results, precision,
+                                 compile)
+        else:
+            run = _predict_clip(ckpt, src, out, min_size, max_size, window, topk, fps, tracker, log, results,
+                                precision, compile)
+        summary = run.summary
+        outputs = summary["outputs"]
+        outputs.insert(0, str(out / "results.json"))
+        results.write(out / "results.json")
+        if zip_results:
+            outputs.append(str(_write_zip(out, out / "results.json")))
+        if render:
+            for name, (frames, tracks) in run.videos.items():
+                path = out / f"{name}.overlay.mp4"
+                render_video(frames(), tracks(), path, run.fps, render_min_score, gt=run.gt(name))
+                outputs.append(str(path))
+    finally:
+        results.close()
     # frames/s over the prediction itself, not Ray start-up or rendering
     busy = summary["predict_seconds"]
     summary.update(seconds=round(time.perf_counter() - start, 3), predict_seconds=round(busy, 3),
-                   frames_per_s=round(summary["frames"] / max(busy, 1e-9), 3),
-                   tracks=len(records), confident_tracks=sum(r["score"] >= render_min_score for r in records))
+                   frames_per_s=round(summary["frames"] / max(busy, 1e-9), 3), tracks=len(results.scores),
+                   confident_tracks=sum(score >= render_min_score for score in results.scores))
     return summary
 
 
 def _predict_split(ckpt: Path, ann: Path, out: Path, root: str, num_actors: int, gpus_per_actor: float,
                    min_size: int | None, max_size: int | None, window: int, topk: int, fps: float | None,
-                   tracker: str | None, log: Callable[[str], None], precision: str = "fp32",
-                   compile: bool = False) -> _Run:
+                   tracker: str | None, log: Callable[[str], None], results: ResultSpool,
+                   precision: str = "fp32", compile: bool = False) -> _Run:
+    """Batch inference over the split's videos; each video's records go to ``results`` as it finishes."""
     from svis_ray.train import ray_init  # Ray Train is heavy; only this path needs a cluster
 
     full = YTVIS.load(ann)
@@ -397,19 +405,17 @@ def _predict_split(ckpt: Path, ann: Path, out: Path, root: str, num_actors: int,
     log(f"predict: {len(rows)} videos of {ann} on {num_actors} actor(s) at short side {short} (max {longest}), "
         f"{tracker} tracker")
     start = time.perf_counter()
-    by_index: dict[int, list[dict[str, Any]]] = {}
-    frames = 0
+    frames = done = 0
     for row in ds.iter_rows():
         if row["error"]:
             raise SvisError(str(row["error"]))
         video = split.videos[int(row["index"])]
-        records = json.loads(row["records"])
-        by_index[int(row["index"])] = records
+        records = results.add(int(row["index"]), str(row["records"]))  # on disk now, not kept here
         frames += int(row["frames"])
+        done += 1
         best = f", best {records[0]['score']:.2f}" if records else ""
-        log(f"[{len(by_index)}/{len(rows)}] video {video['id']}: {row['frames']} frames in "
+        log(f"[{done}/{len(rows)}] video {video['id']}: {row['frames']} frames in "
             f"{row['seconds']:.1f} s, {len(records)} tracks{best}")
-    records = [r for i in range(len(rows)) for r in by_index[i]]
 
     def name_of(cat: int) -> str:
         return split.class_names[split.cat_to_idx[cat]]
@@ -418,17 +424,22 @@ def _predict_split(ckpt: Path, ann: Path, out: Path, root: str, num_actors: int,
         return lambda: (decode_frame(read_bytes(p), source=p)
                         for p in (resolve(root, "JPEGImages/" + n) for n in video["file_names"]))
 
-    videos = {str(v["id"]): (original_frames(v), _track_list(by_index[i], name_of))
-              for i, v in enumerate(split.videos)}
+    def tracks(i: int) -> Callable[[], list[dict[str, Any]]]:
+        return lambda: _track_list(results.records(i), name_of)
+
+    videos = {str(v["id"]): (original_frames(v), tracks(i)) for i, v in enumerate(split.videos)}
     summary = {"input": str(ann), "videos": len(rows), "frames": frames, "in_process": False, "outputs": [],
                "predict_seconds": time.perf_counter() - start, "tracker": tracker}
-    gt = {str(v["id"]): gt_tracks(full, v["id"]) for v in split.videos} if full.has_annotations else {}
-    return _Run(summary, records, videos, fps or DEFAULT_FPS, gt)
+
+    def gt(name: str) -> list[dict[str, Any]] | None:  # decoded per rendered video, not all at once
+        return gt_tracks(full, int(name)) if full.has_annotations else None
+
+    return _Run(summary, videos, fps or DEFAULT_FPS, gt)
 
 
 def _predict_clip(ckpt: Path, src: Path, out: Path, min_size: int | None, max_size: int | None, window: int,
                   topk: int, fps: float | None, tracker: str | None, log: Callable[[str], None],
-                  precision: str = "fp32", compile: bool = False) -> _Run:
+                  results: ResultSpool, precision: str = "fp32", compile: bool = False) -> _Run:
     clip = open_clip(src, fps)  # before the checkpoint: a bad input fails at once
     model, info, device = load_frame_model(ckpt, torch.device("cuda" if torch.cuda.is_available() else "cpu"),
                                            precision=precision, compile=compile)
@@ -449,7 +460,7 @@ def _predict_clip(ckpt: Path, src: Path, out: Path, min_size: int | None, max_si
                          device=device, tracker=tracker)
     names = info["class_names"]
     # No dataset here: category ids are class index + 1 (YTVIS ids start at 1), the video id is 1.
-    records = tracks_to_results(tracks, 1, {i: i + 1 for i in range(len(names))})
+    records = results.add(0, json.dumps(tracks_to_results(tracks, 1, {i: i + 1 for i in range(len(names))})))
     track_list = _track_list(records, lambda cat: names[cat - 1])
     best = f", best {records[0]['score']:.2f}" if records else ""
     seconds = time.perf_counter() - start
@@ -460,4 +471,4 @@ def _predict_clip(ckpt: Path, src: Path, out: Path, min_size: int | None, max_si
                              "fps": clip.fps, "class_names": names, "tracks": track_list})
     summary = {"input": str(src), "videos": 1, "frames": count, "in_process": True, "outputs": [str(tracks_json)],
                "predict_seconds": seconds, "tracker": tracker}
-    return _Run(summary, records, {name: (clip.frames, track_list)}, clip.fps)
+    return _Run(summary, {name: (clip.frames, lambda: track_list)}, clip.fps)

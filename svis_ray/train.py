@@ -1,7 +1,8 @@
 """Semi-supervised training: a Ray Train ``TorchTrainer`` student fed by a Ray Data stream
 of clips that a teacher actor pool pseudo-labels concurrently.
 
-    driver:   parse annotations -> clip rows -> [decode tasks] -> [teacher actor pool] -> shards
+    driver:   [one-shot parse task] -> split index (object store, shared by reference)
+    stream:   clip schedule (range -> clip rows) -> [decode tasks] -> [teacher actor pool] -> shards
     workers:  train_loop_per_worker: MinVIS student (DDP), EMA teacher published to WeightStore
     controller callback: CSV + TensorBoard + console progress in the run folder
 
@@ -25,7 +26,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -43,6 +44,9 @@ from svis_ray.config import Config, absolute_paths, check_config, config_from_di
 from svis_ray.console import console_line, log_file_for, route_worker_output, with_log
 from svis_ray.errors import SvisError
 from svis_ray.pictures import render_eval_picture, write_png
+
+if TYPE_CHECKING:
+    from svis_ray.data.ingest import SharedSplit
 
 log = logging.getLogger("svis_ray")
 
@@ -683,10 +687,13 @@ def _read_progress(out_dir: str) -> int:
 
 
 def make_dataset_factory(cfg: Config, world_size: int, num_classes: int, store_name: str | None,
-                         namespace: str | None):
+                         namespace: str | None, split: SharedSplit | None = None):
     """A zero-arg callable building the training stream; Train calls it at every worker-group
-    start, so a restart rebuilds the pipeline from the last checkpointed step."""
-    from svis_ray.data.ingest import DecodeConfig, clip_rows, decode_clip, load_split, throttled
+    start, so a restart rebuilds the pipeline from the last checkpointed step.
+
+    ``split``: the training split's shared index (``run_training`` passes the one it built); every
+    start streams the schedule from it, nothing is parsed again. None: shared at the first call."""
+    from svis_ray.data.ingest import DecodeConfig, decode_clip, schedule_dataset, share_split, throttled
     from svis_ray.teacher import Teacher
 
     out_dir = run_dir(cfg)
@@ -695,23 +702,26 @@ def make_dataset_factory(cfg: Config, world_size: int, num_classes: int, store_n
     store_dir = svis_io.join(out_dir, "pseudo_labels") if cfg.pseudo.store == "parquet" else None
 
     def factory():
+        nonlocal split
         # A new attempt of the worker group (first start or restart): the store drops the weights
         # of the previous attempt's trajectory before any teacher or train worker of this one runs.
         attempt = None
         if store_name and cfg.teacher.mode == "ema":
             attempt = time.time_ns()
             ray.get(ray.get_actor(store_name, namespace=namespace).reset.remote(attempt))
-        train = load_split(cfg.data.root, cfg.data.train_json)
+        if split is None:
+            split = share_split(cfg.data.root, cfg.data.train_json)
         per_step = world_size * cfg.data.clips_per_step
         first = _read_progress(out_dir) * per_step
-        rows = clip_rows(train, cfg.data.root, num_clips(cfg, world_size), 1 + cfg.data.unlabelled_per_clip,
-                         cfg.train.seed, first_clip=first, max_gap=cfg.data.unlabelled_max_gap)
+        # One block per step: blocks stay small and arrive roughly in step order. The schedule's
+        # rows and their decoding fuse into one task per block (the same resources).
+        decode = {"num_cpus": cfg.data.decode_cpus, "compute": ray.data.TaskPoolStrategy(size=cfg.data.decode_tasks)}
+        ds = schedule_dataset(split, cfg.data.root, num_clips(cfg, world_size), 1 + cfg.data.unlabelled_per_clip,
+                              cfg.train.seed, first_clip=first, max_gap=cfg.data.unlabelled_max_gap,
+                              clips_per_block=per_step, **decode)
         dcfg = DecodeConfig(tuple(cfg.data.min_size_train), cfg.data.max_size_train, cfg.data.flip,
                             cfg.data.on_bad_frame, cfg.train.seed)
-        # One block per step: blocks stay small and arrive roughly in step order.
-        ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // per_step))
-        ds = ds.map(decode_clip, fn_kwargs={"cfg": dcfg}, num_cpus=cfg.data.decode_cpus,
-                    compute=ray.data.TaskPoolStrategy(size=cfg.data.decode_tasks))
+        ds = ds.map(decode_clip, fn_kwargs={"cfg": dcfg}, **decode)
         if cfg.teacher.mode != "online":
             ds = ds.map_batches(Teacher, batch_size=cfg.teacher.batch_size, batch_format="numpy",
                                 fn_constructor_kwargs={"config": cfg_dict, "num_classes": num_classes,
@@ -817,10 +827,12 @@ def worker_resources(cfg: Config) -> dict[str, float]:
 
 
 def build_trainer(cfg: Config, class_names: list[str], store_name: str | None, namespace: str | None,
-                  callbacks: list[UserCallback] | None = None) -> SvisTorchTrainer:
+                  callbacks: list[UserCallback] | None = None, split: SharedSplit | None = None
+                  ) -> SvisTorchTrainer:
     """The run's ``TorchTrainer`` (``cfg`` with absolute paths). The process-group backend is left
     to Ray, which picks it from the workers' resources (NCCL for GPU workers, gloo for CPU ones):
-    the driver -- often a CPU-only head node -- never decides it from its own CUDA."""
+    the driver -- often a CPU-only head node -- never decides it from its own CUDA. ``split``:
+    the training split's shared index (``make_dataset_factory``)."""
     out = run_dir(cfg)
     world = cfg.train.num_workers
     return SvisTorchTrainer(
@@ -838,28 +850,39 @@ def build_trainer(cfg: Config, class_names: list[str], store_name: str | None, n
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=[MetricsLogger(out, cfg.train.max_steps, cfg.output.progress_bar),
                        *(callbacks or [])]),
-        datasets={"train": make_dataset_factory(cfg, world, len(class_names), store_name, namespace)},
+        datasets={"train": make_dataset_factory(cfg, world, len(class_names), store_name, namespace, split)},
         dataset_config=ray.train.DataConfig(execution_options=ingest_options(cfg)),
         validation_config=validation_config(cfg),
     )
 
 
-def run_training(cfg: Config, callbacks: list[UserCallback] | None = None) -> dict[str, Any]:
+def training_split(cfg: Config, shared: SharedSplit | None = None) -> SharedSplit:
+    """The run's training split index: ``shared`` when it is this config's (a sweep parses its
+    split once for all trials), else parsed now in a one-shot task, with the held-out split
+    validated alongside (fail now, not after an hour of training)."""
+    from svis_ray.data.ingest import share_split
+
+    if shared is not None and shared.matches(cfg.data.root, cfg.data.train_json):
+        return shared
+    return share_split(cfg.data.root, cfg.data.train_json, check=(cfg.data.val_json,) if cfg.data.val_json else ())
+
+
+def run_training(cfg: Config, callbacks: list[UserCallback] | None = None,
+                 split: SharedSplit | None = None) -> dict[str, Any]:
     """Train with ``cfg``; returns a summary with the run folder, best checkpoint and metrics.
 
     ``callbacks`` are extra Ray Train ``UserCallback``s (Tune adds its ``TuneReportCallback``).
+    ``split``: an already shared training split (``training_split``), e.g. a sweep's.
     """
-    from svis_ray.data.ingest import load_split
     from svis_ray.teacher import WeightStore
 
     check_config(cfg)
     cfg = absolute_paths(cfg)  # workers do not run in the launch folder
     out = run_dir(cfg)
-    train = load_split(cfg.data.root, cfg.data.train_json)
-    if cfg.data.val_json:
-        load_split(cfg.data.root, cfg.data.val_json)  # fail now, not after an hour of training
-    class_names = list(train.class_names)
     log = ray_init(log_file_for(out))
+    # Parsed once per run, outside the driver; the controller and the Data tasks share the index.
+    split = training_split(cfg, split)
+    class_names = list(split.class_names)
     store_name, store = None, None
     if cfg.teacher.mode != "online":
         # Named in the driver's namespace; the handle below keeps it alive until fit() returns.
@@ -876,7 +899,7 @@ def run_training(cfg: Config, callbacks: list[UserCallback] | None = None) -> di
         msg = f"resuming from step {done} of {cfg.train.max_steps} ({out})"
         in_actor = ray.get_runtime_context().get_actor_id() is not None  # a Tune trial: tag it for the console
         print(console_line(msg) if in_actor else msg, flush=True)
-    trainer = build_trainer(cfg, class_names, store_name, namespace, callbacks)
+    trainer = build_trainer(cfg, class_names, store_name, namespace, callbacks, split)
     try:
         result = trainer.fit()
         del store

@@ -21,7 +21,7 @@ import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
@@ -30,6 +30,9 @@ from svis_ray.config import (Config, _build, _merge, absolute_paths, check_confi
 from svis_ray.console import log_file_for, with_log
 from svis_ray import io as svis_io
 from svis_ray.errors import SvisError
+
+if TYPE_CHECKING:
+    from svis_ray.data.ingest import SharedSplit
 
 # Sweep YAML form -> Ray Tune domain. randint bounds are both inclusive (Tune's upper is not).
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
@@ -271,8 +274,10 @@ def default_concurrency(cfg: Config, cluster: dict[str, float], driver: dict[str
     return max(1, min(fits))
 
 
-def _run_trial(params: dict[str, Any], base_config: dict[str, Any], trials_dir: str, metric: str) -> None:
-    """One Tune trial: a Ray Train run whose reports are forwarded to Tune."""
+def _run_trial(params: dict[str, Any], base_config: dict[str, Any], trials_dir: str, metric: str,
+               split: SharedSplit | None = None) -> None:
+    """One Tune trial: a Ray Train run whose reports are forwarded to Tune. ``split``: the sweep's
+    shared training split, used unless the trial's sampled config names another one."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -281,7 +286,7 @@ def _run_trial(params: dict[str, Any], base_config: dict[str, Any], trials_dir: 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(base_config, params, svis_io.join(trials_dir, trial_id))
     try:
-        run_training(cfg, callbacks=[TuneReportCallback()])
+        run_training(cfg, callbacks=[TuneReportCallback()], split=split)
     except SvisError as e:
         # Reported, not raised: Tune would retry the trial (tune.max_failures), which cannot fix a
         # bad frame or file; the stopper ends the sweep on it and run_sweep prints the one line.
@@ -320,15 +325,17 @@ def _search_algorithm(sweep: Sweep, concurrency: int):
     return BasicVariantGenerator(max_concurrent=concurrency, random_state=t.seed)
 
 
-def build_tuner(sweep: Sweep):
-    """A new ``Tuner`` for ``sweep``, or the restored one when its folder holds an experiment."""
+def build_tuner(sweep: Sweep, split: SharedSplit | None = None):
+    """A new ``Tuner`` for ``sweep``, or the restored one when its folder holds an experiment.
+    ``split``: the base config's training split, shared by every trial (parsed once per sweep)."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     trainable = tune.with_resources(
         tune.with_parameters(_run_trial, base_config=absolute_paths(sweep.base).to_dict(),
-                             trials_dir=svis_io.join(sweep.dir, "trials"), metric=sweep.settings.tune.metric),
+                             trials_dir=svis_io.join(sweep.dir, "trials"), metric=sweep.settings.tune.metric,
+                             split=split),
         dict(sweep.settings.tune.driver_resources))
     if tune.Tuner.can_restore(str(sweep.dir)):
         print(f"resuming the sweep in {sweep.dir}", flush=True)
@@ -438,11 +445,13 @@ def run_sweep(config_path: str, overrides: list[str]) -> dict[str, Any]:
     """
     from ray import tune
 
-    from svis_ray.train import ray_init
+    from svis_ray.train import ray_init, training_split
 
     sweep = load_sweep(config_path, overrides)
     log = ray_init(log_file_for(sweep.dir))
-    results = build_tuner(sweep).fit()
+    # One parse for the whole sweep: the trials (and their worker-group restarts) share its index.
+    split = training_split(absolute_paths(sweep.base))
+    results = build_tuner(sweep, split).fit()
     user_errors = [r.metrics[USER_ERROR] for r in results if r.metrics and r.metrics.get(USER_ERROR)]
     if user_errors:
         raise SvisError(with_log(user_errors[0], log))

@@ -248,3 +248,49 @@ def test_cli_check_data_corrupt_jpeg_is_one_line_error(small_data):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("svis-ray: error:") and str(frame) in lines[0]
     assert "Traceback" not in r.stderr
+
+
+def _one_string_total(counts: str) -> int | None:
+    """The reference: one string at a time (as the loader checked them before it batched them)."""
+    if not counts or not counts.isascii():
+        return None
+    c = np.frombuffer(counts.encode("ascii"), np.uint8).astype(np.int64) - 48
+    if c.min() < 0 or c.max() > 63 or c[-1] & 0x20:
+        return None
+    last = (c & 0x20) == 0
+    run = np.concatenate([[0], np.cumsum(last)[:-1]])
+    start = np.flatnonzero(np.concatenate([[True], last[:-1]]))
+    shift = 5 * (np.arange(c.size) - start[run])
+    if shift.max() > 55:
+        return None
+    x = np.add.reduceat((c & 0x1F) << shift, start)
+    end = np.flatnonzero(last)
+    negative = (c[end] & 0x10) != 0
+    x[negative] -= np.int64(1) << (shift[end][negative] + 5)
+    runs = x.copy()
+    runs[1::2] = np.cumsum(x[1::2])
+    runs[2::2] = np.cumsum(x[2::2])
+    return None if runs.min() < 0 else int(runs.sum())
+
+
+def test_rle_strings_checked_together_match_one_at_a_time():
+    from svis_ray.data.ytvis import _rle_string_totals
+
+    rng = np.random.default_rng(0)
+    strings = []
+    for i in range(120):
+        h, w = [(720, 1280), (8, 10), (1, 1), (50, 3)][i % 4]
+        m = np.zeros((h, w), np.uint8)
+        if i % 5:
+            cv2.ellipse(m, (int(rng.integers(0, w)), int(rng.integers(0, h))), (int(rng.integers(1, 400)),
+                        int(rng.integers(1, 300))), float(rng.uniform(0, 180)), 0, 360, 1, -1)
+        s = rle(m)["counts"]
+        damaged = [s[:-2], s + "1", s[:len(s) // 2], "", s[:-1] + "~", "".join(rng.permutation(list(s)))]
+        strings += [s, damaged[i % len(damaged)]]
+    strings += ["\u00e9x", "o" * 15 + "0", "O" * 12 + "1", "0", "P", "?" * 20 + "1"]  # a 75-bit run, etc.
+    expected = [_one_string_total(s) for s in strings]
+    assert 0 < sum(e is None for e in expected) < len(strings)
+    assert _rle_string_totals(strings) == expected
+    for _ in range(20):  # any mix: a bad string never spoils its neighbours
+        pick = rng.permutation(len(strings))[:int(rng.integers(1, 30))]
+        assert _rle_string_totals([strings[i] for i in pick]) == [expected[i] for i in pick]

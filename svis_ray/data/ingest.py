@@ -1,17 +1,19 @@
-"""Ray Data ingest: clip rows built on the driver, frames decoded in Ray Data tasks.
+"""Ray Data ingest: a streamed clip schedule, frames decoded in Ray Data tasks.
 
 A *clip* is what one training sample is made of: one frame of a video that has ground truth
 plus ``unlabelled_per_clip`` other frames of the same video (Sparse-MinVIS samples 1 + 2), in
-temporal order. The annotation JSON is parsed on the driver (``read_json`` cannot read the
-nested YTVIS layout) into one small row per clip holding frame paths and the labelled frames'
-RLEs; decoding, resizing and flipping happen in Ray Data tasks, and the rows stream on through
-the teacher pool (pseudo-labels) to the ``TorchTrainer`` workers.
+temporal order. The annotation JSON is parsed once per run, in a one-shot task, into a compact
+``SplitIndex`` kept in the object store (``share_split``); the schedule is a lazy range of clip
+indices whose blocks become small clip rows (frame paths, the labelled frames' RLEs) in Data
+tasks (``schedule_dataset``); decoding, resizing and flipping follow in Ray Data tasks, and the
+rows stream on through the teacher pool (pseudo-labels) to the ``TorchTrainer`` workers.
 
-The row list covers the whole run (``max_steps`` x global batch), so one streaming execution
+The schedule covers the whole run (``max_steps`` x global batch), so one streaming execution
 feeds the entire training: teacher actors stay alive and keep their weights between "epochs".
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -19,11 +21,13 @@ from typing import Any
 
 import cv2
 import numpy as np
+import pyarrow as pa
+import ray
 from pycocotools import mask as mask_utils
 from ray.data._internal.execution.execution_callback import ExecutionCallback
 
 from svis_ray.data.transforms import resize_image, resize_masks, resized_shape
-from svis_ray.data.ytvis import YTVIS, decode_frame
+from svis_ray.data.ytvis import YTVIS, _to_rle, decode_frame
 from svis_ray import io as svis_io
 from svis_ray.errors import SvisError
 
@@ -91,63 +95,290 @@ def read_bytes(path: str) -> bytes:
 def load_split(root: str, rel: str) -> YTVIS:
     """Load and validate a YTVIS annotation file under ``root`` (local or URI)."""
     path = resolve(root, rel)
-    raw = read_bytes(path)
     try:
-        data = json.loads(raw)
+        data = json.loads(read_bytes(path))  # the bytes go as soon as they are parsed
     except json.JSONDecodeError as e:
         raise SvisError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     return YTVIS(data, source=path)
 
 
-# ----------------------------------------------------------------------------- clip rows
-def clip_rows(ds: YTVIS, root: str, num_clips: int, frames_per_clip: int, seed: int,
+# ----------------------------------------------------------------------------- split index
+@dataclass
+class SplitIndex:
+    """What the clip schedule reads of a YTVIS split, as flat arrays: a few bytes per frame and per
+    labelled instance instead of a Python dict per annotation (bench/scale.py: a full 100k-video
+    split, 515 MB of JSON, peaks at 4.7 GB parsed; its index is 338 MB). Built once
+    per run (``share_split``).
+
+    V videos, F frames, L labelled frames, G instances on labelled frames:
+      video_id, height, width, length: int64 [V]; frame_start int64 [V+1]: video v's file names
+      are file_names[frame_start[v]:frame_start[v+1]] (pyarrow string array [F]);
+      labelled_start int64 [V+1] -> labelled_frame int32 [L] (sorted within a video);
+      gt_start int64 [L+1] -> per instance, in annotation file order: gt_id int64 [G],
+      gt_label int32 [G] (class index), gt_crowd uint8 [G], gt_seg (pyarrow string array [G]:
+      compressed RLE counts, or when gt_raw [G] the segmentation as JSON -- a polygon or an
+      uncompressed RLE, converted only when a clip uses it).
+    """
+
+    source: str
+    class_names: list[str]
+    video_id: np.ndarray
+    height: np.ndarray
+    width: np.ndarray
+    length: np.ndarray
+    frame_start: np.ndarray
+    file_names: pa.StringArray
+    labelled_start: np.ndarray
+    labelled_frame: np.ndarray
+    gt_start: np.ndarray
+    gt_id: np.ndarray
+    gt_label: np.ndarray
+    gt_crowd: np.ndarray
+    gt_seg: pa.StringArray
+    gt_raw: np.ndarray
+
+    @classmethod
+    def from_ytvis(cls, ds: YTVIS) -> SplitIndex:
+        """The index of a validated split (``YTVIS``); same ground truth as ``annotations_on_frame``."""
+        videos = ds.videos
+        lengths = np.array([v["length"] for v in videos], np.int64)
+        labelled, starts = [], [0]
+        gt_start, gt_id, gt_label, gt_crowd, gt_seg, gt_raw = [0], [], [], [], [], []
+        for v in videos:
+            frames = ds.labelled_frames(v["id"])
+            anns = ds.annotations(v["id"])
+            labelled += frames
+            starts.append(len(labelled))
+            for t in frames:
+                for a in anns:
+                    seg = a["segmentations"][t]
+                    if seg is None:
+                        continue
+                    compressed = isinstance(seg, dict) and isinstance(seg["counts"], str)
+                    gt_id.append(a["id"])
+                    gt_label.append(ds.cat_to_idx[a["category_id"]])
+                    gt_crowd.append(int(a.get("iscrowd", 0)))
+                    gt_seg.append(seg["counts"] if compressed else json.dumps(seg))
+                    gt_raw.append(not compressed)
+                gt_start.append(len(gt_id))
+        return cls(
+            source=ds.source, class_names=list(ds.class_names),
+            video_id=np.array([v["id"] for v in videos], np.int64),
+            height=np.array([v["height"] for v in videos], np.int64),
+            width=np.array([v["width"] for v in videos], np.int64),
+            length=lengths, frame_start=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+            file_names=pa.array([n for v in videos for n in v["file_names"]], pa.string()),
+            labelled_start=np.array(starts, np.int64), labelled_frame=np.array(labelled, np.int32),
+            gt_start=np.array(gt_start, np.int64), gt_id=np.array(gt_id, np.int64),
+            gt_label=np.array(gt_label, np.int32), gt_crowd=np.array(gt_crowd, np.uint8),
+            gt_seg=pa.array(gt_seg, pa.string()), gt_raw=np.array(gt_raw, bool))
+
+    @property
+    def num_videos(self) -> int:
+        return len(self.video_id)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.nbytes for x in vars(self).values() if isinstance(x, (np.ndarray, pa.Array)))
+
+    def _instances(self, v: int, t: int) -> list[dict[str, Any]]:
+        """``YTVIS.annotations_on_frame`` of labelled frame ``t`` of the video at position ``v``."""
+        lo, hi = self.labelled_start[v], self.labelled_start[v + 1]
+        j = lo + int(np.searchsorted(self.labelled_frame[lo:hi], t))
+        h, w = int(self.height[v]), int(self.width[v])
+        out = []
+        for g in range(self.gt_start[j], self.gt_start[j + 1]):
+            seg = self.gt_seg[g].as_py()
+            counts = _to_rle(json.loads(seg), h, w)["counts"].decode("ascii") if self.gt_raw[g] else seg
+            out.append({"id": int(self.gt_id[g]), "label": int(self.gt_label[g]), "iscrowd": int(self.gt_crowd[g]),
+                        "rle": {"size": [h, w], "counts": counts}})
+        return out
+
+    def clip_rows(self, clips: np.ndarray, root: str, frames_per_clip: int, seed: int,
+                  max_gap: int = 0) -> list[dict[str, Any]]:
+        """Rows of the schedule's clips ``clips`` (int64 [K] schedule indices): O(K), whatever the
+        number of videos or of clips in the run. See ``clip_rows`` for the sampling."""
+        n = self.num_videos
+        clips = np.asarray(clips, np.int64)
+        epochs, slots = np.divmod(clips, n)
+        order = np.empty_like(clips)
+        for epoch in np.unique(epochs):  # a block of clips spans one or two passes
+            at = epochs == epoch
+            order[at] = permute(slots[at], n, (seed, int(epoch)))
+        rows = []
+        for i, epoch, v in zip(clips.tolist(), epochs.tolist(), order.tolist()):
+            vid, length = int(self.video_id[v]), int(self.length[v])
+            rng = np.random.default_rng([seed, epoch, vid])
+            labelled = self.labelled_frame[self.labelled_start[v]:self.labelled_start[v + 1]].tolist()
+            frames: list[int] = []
+            if labelled:
+                frames.append(int(rng.choice(labelled)))
+            others = [t for t in range(length) if t not in frames
+                      and (not max_gap or not frames or abs(t - frames[0]) <= max_gap)]
+            want = frames_per_clip - len(frames)
+            if others and want > 0:
+                frames += [int(t) for t in rng.choice(others, size=want, replace=len(others) < want)]
+            frames.sort()
+            labelled_set = set(labelled)
+            gt = [self._instances(v, t) if t in labelled_set else None for t in frames]
+            names = self.file_names.slice(int(self.frame_start[v]), length)
+            rows.append({
+                "clip_index": i,
+                "video_id": vid,
+                "height": int(self.height[v]),
+                "width": int(self.width[v]),
+                "frame_idx": frames,
+                "paths": [resolve(root, "JPEGImages/" + names[t].as_py()) for t in frames],
+                "gt_json": json.dumps(gt),
+            })
+        return rows
+
+
+# ----------------------------------------------------------------------------- video order
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser (uint64 [K] -> uint64 [K]): the Feistel round function."""
+    x = (x ^ (x >> np.uint64(30))) * _M1
+    x = (x ^ (x >> np.uint64(27))) * _M2
+    return x ^ (x >> np.uint64(31))
+
+
+def permute(slots: np.ndarray, n: int, key: tuple[int, ...], rounds: int = 6) -> np.ndarray:
+    """Position ``slots`` (int64 [K], each in [0, n)) of a keyed pseudo-random permutation of
+    range(n) -> int64 [K]: O(K) time and memory, where ``rng.permutation(n)`` is O(n) per call.
+
+    A balanced Feistel network over the smallest even number of bits covering n is a bijection
+    of [0, 4**h) whatever its round function; cycle-walking (applying it again while the value
+    is >= n, fewer than 4 times on average) restricts it to a bijection of range(n). Round keys
+    come from ``SeedSequence(key)``, so the order is a pure function of (key, n).
+    """
+    slots = np.asarray(slots, np.int64)
+    if n <= 1:
+        return np.zeros_like(slots)
+    half = np.uint64(max(1, ((n - 1).bit_length() + 1) // 2))
+    mask = (np.uint64(1) << half) - np.uint64(1)
+    keys = np.random.SeedSequence(list(key)).generate_state(rounds, np.uint64)
+    x = slots.astype(np.uint64)
+    todo = np.ones(len(x), bool)
+    while todo.any():
+        left, right = x[todo] >> half, x[todo] & mask
+        for k in keys:
+            left, right = right, left ^ (_mix(right ^ k) & mask)
+        x[todo] = (left << half) | right
+        todo &= x >= np.uint64(n)
+    return x.astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- the schedule
+def clip_rows(ds: YTVIS | SplitIndex, root: str, num_clips: int, frames_per_clip: int, seed: int,
               first_clip: int = 0, max_gap: int = 0) -> list[dict[str, Any]]:
     """Rows for clips ``first_clip .. num_clips-1`` of a deterministic, seeded sampling schedule.
 
-    Videos are visited in a fresh random order each pass; in each clip one frame comes from the
-    video's labelled frames (if any) and the rest from its other frames, without replacement
-    where the video is long enough. ``max_gap > 0`` keeps the other frames within that many
-    frames of the labelled one: pseudo-labels are more often right close to the ground truth
-    (anchoring has the labelled frame's masks to match), though a gap of 1 gained nothing on the
-    demo data. Clip ``i`` is the same whatever
+    Videos are visited in a fresh pseudo-random order each pass (``permute`` keyed by seed and
+    pass); in each clip one frame comes from the video's labelled frames (if any) and the rest
+    from its other frames, without replacement where the video is long enough. ``max_gap > 0``
+    keeps the other frames within that many frames of the labelled one: pseudo-labels are more
+    often right close to the ground truth (anchoring has the labelled frame's masks to match),
+    though a gap of 1 gained nothing on the demo data. Clip ``i`` is the same whatever
     ``first_clip`` is, so a resumed run continues the schedule instead of replaying it.
+    Training streams the same rows (``schedule_dataset``) instead of building this list.
     """
-    videos = [v for v in ds.videos]
-    rows = []
-    for i in range(first_clip, num_clips):
-        epoch, slot = divmod(i, len(videos))
-        order = np.random.default_rng([seed, epoch]).permutation(len(videos))
-        video = videos[order[slot]]
-        vid = video["id"]
-        rng = np.random.default_rng([seed, epoch, vid])
-        length = video["length"]
-        labelled = set(ds.labelled_frames(vid))
-        frames: list[int] = []
-        if labelled:
-            frames.append(int(rng.choice(sorted(labelled))))
-        others = [t for t in range(length) if t not in frames
-                  and (not max_gap or not frames or abs(t - frames[0]) <= max_gap)]
-        want = frames_per_clip - len(frames)
-        if others and want > 0:
-            frames += [int(t) for t in rng.choice(others, size=want, replace=len(others) < want)]
-        frames.sort()
-        gt = []
-        for t in frames:
-            if t in labelled:
-                tg = ds.annotations_on_frame(vid, t)
-                gt.append(tg)
-            else:
-                gt.append(None)
-        rows.append({
-            "clip_index": i,
-            "video_id": vid,
-            "height": video["height"],
-            "width": video["width"],
-            "frame_idx": frames,
-            "paths": [resolve(root, "JPEGImages/" + video["file_names"][t]) for t in frames],
-            "gt_json": json.dumps(gt),
-        })
-    return rows
+    index = ds if isinstance(ds, SplitIndex) else SplitIndex.from_ytvis(ds)
+    return index.clip_rows(np.arange(first_clip, num_clips), root, frames_per_clip, seed, max_gap)
+
+
+@dataclass(frozen=True)
+class SharedSplit:
+    """A split's ``SplitIndex`` in the object store (``ref``) and the little the driver needs of
+    it. Pickles as the reference: the Train controller (every worker-group start), the schedule's
+    Data tasks and Tune's trials all read the one index the driver's ``share_split`` built."""
+
+    root: str
+    rel: str
+    source: str
+    class_names: tuple[str, ...]
+    num_videos: int
+    nbytes: int
+    ref: Any  # ray.ObjectRef of the SplitIndex
+
+    def matches(self, root: str, rel: str) -> bool:
+        return (self.root, self.rel) == (root, rel)
+
+    def get(self) -> SplitIndex:
+        return _fetch(self.ref)
+
+
+@functools.lru_cache(maxsize=2)  # per process: a Data worker reads the index once, not per block
+def _fetch(ref) -> SplitIndex:
+    return ray.get(ref)  # the arrays map the object store's copy: no per-process copy
+
+
+def _build_index(root: str, rel: str) -> tuple[dict[str, Any], SplitIndex]:
+    index = SplitIndex.from_ytvis(load_split(root, rel))
+    return {"source": index.source, "class_names": tuple(index.class_names), "num_videos": index.num_videos,
+            "nbytes": index.nbytes}, index
+
+
+def _check_split(root: str, rel: str) -> None:
+    load_split(root, rel)
+
+
+def _one_shot(fn, root: str, rel: str, num_returns: int):
+    """Run ``fn(root, rel)`` as a Ray task in a process of its own that exits afterwards
+    (``max_calls=1``): parsing a large JSON leaves a heap that Python does not give back, so it
+    must not happen in the driver or a reused worker. ``scheduling_strategy="DEFAULT"``: outside
+    the placement group of a Tune trial, which has no CPU to spare."""
+    task = ray.remote(num_cpus=1, max_calls=1, max_retries=0)(fn)
+    return task.options(num_returns=num_returns, scheduling_strategy="DEFAULT",
+                        name=fn.__name__.lstrip("_")).remote(root, rel)
+
+
+def _get_one_line(refs):
+    """``ray.get``, with a task's ``SvisError`` re-raised as its one line."""
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, SvisError):
+            raise SvisError(str(e.cause)) from None
+        raise
+
+
+def share_split(root: str, rel: str, check: tuple[str, ...] = ()) -> SharedSplit:
+    """Parse and validate ``root/rel`` once, in a one-shot task, and keep its ``SplitIndex`` in
+    the object store; the caller (the driver) owns it while it holds the ``SharedSplit``.
+    ``check``: other files under ``root`` validated at the same time (the held-out split)."""
+    info, ref = _one_shot(_build_index, root, rel, 2)
+    _get_one_line([_one_shot(_check_split, root, other, 1) for other in check])
+    return SharedSplit(root=root, rel=rel, ref=ref, **_get_one_line(info))
+
+
+def _schedule_block(batch: dict[str, np.ndarray], split: SharedSplit, root: str, first_clip: int,
+                    frames_per_clip: int, seed: int, max_gap: int) -> pa.Table:
+    rows = split.get().clip_rows(first_clip + batch["id"], root, frames_per_clip, seed, max_gap)
+    return pa.Table.from_pylist(rows)
+
+
+def schedule_dataset(split: SharedSplit, root: str, num_clips: int, frames_per_clip: int, seed: int,
+                     first_clip: int = 0, max_gap: int = 0, clips_per_block: int = 1, **map_args):
+    """``clip_rows`` as a lazy Ray Dataset: a range of schedule indices whose blocks
+    (``clips_per_block`` clips each, one training step) become clip rows in Data tasks as the
+    stream reaches them. Nothing here grows with the number of clips but Data's read-task list.
+
+    ``map_args`` (``num_cpus``, ``compute``) go to the range and to the rows' ``map_batches``:
+    given the next stage's, Ray Data fuses range, rows and that stage into one task per block, as
+    the decode tasks were over in-memory rows. ``ray.data.range`` takes no resources, and its
+    read tasks would each hold a whole logical CPU in an operator of their own -- hence
+    ``read_datasource`` of Ray Data's own (internal) range source."""
+    from ray.data._internal.datasource.range_datasource import RangeDatasource
+
+    n = max(0, num_clips - first_clip)
+    ds = ray.data.read_datasource(RangeDatasource(n, column_name="id"),
+                                  override_num_blocks=max(1, n // max(1, clips_per_block)), **map_args)
+    return ds.map_batches(_schedule_block, batch_size=None, batch_format="numpy", fn_kwargs={
+        "split": split, "root": root, "first_clip": first_clip, "frames_per_clip": frames_per_clip,
+        "seed": seed, "max_gap": max_gap}, **map_args)
 
 
 # ----------------------------------------------------------------------------- decode task

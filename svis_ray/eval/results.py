@@ -6,14 +6,17 @@ compressed, ``{"size": [height, width], "counts": str}``, at the video's origina
 """
 from __future__ import annotations
 
+import json
 import math
 import os
+from array import array
 from typing import Any
 
 import numpy as np
 from pycocotools import mask as mask_utils
 
 from svis_ray.errors import SvisError
+from svis_ray import io as svis_io
 from svis_ray.io import read_json, write_json
 
 RESULT_KEYS = ("video_id", "category_id", "score", "segmentations")
@@ -31,6 +34,42 @@ def encode_masks(masks: np.ndarray) -> list[dict]:
 def write_results(path: str | os.PathLike, records: list[dict]) -> None:
     """Write result records atomically (no partial file if anything fails)."""
     write_json(path, records)
+
+
+class ResultSpool:
+    """results.json built a video at a time: each video's records (their JSON list) go to a spool
+    file in the output folder as they arrive, in any order; ``write`` assembles results.json in
+    video order by streaming the spool, so no process holds every record. Kept in memory: per
+    video an offset, and one float per record (the scores, for the summary)."""
+
+    def __init__(self, out_dir: str | os.PathLike) -> None:
+        self.spool = svis_io.Spool(svis_io.join(str(out_dir), ".results.spool"))
+        self.scores = array("d")
+
+    def add(self, index: int, records_json: str) -> list[dict]:
+        """Spool video ``index``'s records (a JSON list); returns them parsed."""
+        records = json.loads(records_json)
+        self.spool.append(index, records_json.encode("utf-8"))
+        self.scores.extend(float(r["score"]) for r in records)
+        return records
+
+    def records(self, index: int) -> list[dict]:
+        return json.loads(self.spool.read(index))
+
+    def write(self, path: str | os.PathLike) -> None:
+        """results.json (atomically): the spooled videos' records in index order."""
+        with svis_io.open_output_stream(path) as f:
+            f.write(b"[")
+            first = True
+            for i in sorted(self.spool.keys()):
+                items = self.spool.read(i).strip()[1:-1].strip()  # the list's records
+                if items:
+                    f.write(items if first else b", " + items)
+                    first = False
+            f.write(b"]")
+
+    def close(self) -> None:
+        self.spool.close()
 
 
 def read_results(path: str | os.PathLike, gt: dict) -> list[dict]:
