@@ -65,6 +65,7 @@ def test_restarted_store_gets_the_weights_again(store_cls, steps_run):
     probe, or -- when the store died before the teachers got any weights, so no batch comes and
     no step runs -- by the publisher's watchdog alone."""
     import ray
+    from ray.util.state import get_actor
 
     from svis_ray.train import WeightPublisher
 
@@ -75,12 +76,17 @@ def test_restarted_store_gets_the_weights_again(store_cls, steps_run):
     pub.publish(ema, 3)
     ray.get(pub.inflight)
     ray.kill(store, no_restart=False)  # Ray restarts it (max_restarts), empty
+
+    def restarted() -> bool:  # the kill is asynchronous: the old instance may still answer at first
+        a = get_actor(store._actor_id.hex())
+        return a is not None and a.state == "ALIVE" and a.num_restarts >= 1
+
     deadline = time.time() + 120  # a restart starts a worker process: slow on a loaded box
     while time.time() < deadline:
         if steps_run:
             pub.poll(ema, 3)  # what rank 0 does every step
         try:
-            if ray.get(store.held.remote()) == (7, 3):
+            if restarted() and ray.get(store.held.remote()) == (7, 3):
                 break
         except ray.exceptions.RayError:
             pass
