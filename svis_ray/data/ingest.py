@@ -336,12 +336,15 @@ def _one_shot(fn, root: str, rel: str, num_returns: int):
 
 
 def _get_one_line(refs):
-    """``ray.get``, with a task's ``SvisError`` re-raised as its one line."""
+    """``ray.get``, with a task's ``SvisError`` re-raised as its one line (``train.user_error_in``)."""
     try:
         return ray.get(refs)
     except ray.exceptions.RayTaskError as e:
-        if isinstance(e.cause, SvisError):
-            raise SvisError(str(e.cause)) from None
+        from svis_ray.train import user_error_in  # the driver has it loaded already
+
+        message = user_error_in(e)
+        if message is not None:
+            raise SvisError(message) from None
         raise
 
 
